@@ -14,7 +14,7 @@ from pilot_kernels import KERNELS_INTERPRETED
 from pilot_kernels import pilot_sgd as _kernel
 
 from .factorization import check_beta, factorize
-from .torch_step import StepFunctions
+from .torch_step import FactorisedStep
 
 __all__ = ["FusedPILoTSGD"]
 
@@ -40,6 +40,9 @@ class _Entry:
     slot: int = 0  # first telemetry slot
     data_ptr: int = 0  # to notice `.data` being replaced ...
     version: int = 0  # ... or the parameter being written outside the optimizer
+    # 1-D detached views for the torch path: x in memory order, then m, w, b_m, b_w (plain: b) and telemetry slots
+    x_flat: Optional[Tensor] = None
+    flat: tuple[Optional[Tensor], ...] = ()
 
 
 class _Bucket:
@@ -168,7 +171,7 @@ class FusedPILoTSGD(Optimizer):
         _check_group(defaults)
         self._backend = backend
         self._buckets: list[_Bucket] = []
-        self._step_functions: Optional[StepFunctions] = None
+        self._factorised_step: Optional[FactorisedStep] = None
         super().__init__(params, defaults)
         # torch.amp.GradScaler hands grad_scale / found_inf to step() instead of unscaling the gradients.
         self._step_supports_amp_scaling = True
@@ -177,6 +180,11 @@ class FusedPILoTSGD(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch.optim semantics); factorises its parameters at once and overwrites them with m0*w0."""
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # torch rejects sets; a generator must be read only once
+            param_group["params"] = list(params)
+            if len({id(p) for p in param_group["params"]}) != len(param_group["params"]):
+                raise ValueError("a parameter appears twice in the group")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -200,12 +208,8 @@ class FusedPILoTSGD(Optimizer):
         return p.ndim >= 2 if group["reparam"] is None else bool(group["reparam"])
 
     def _check_params(self, group: dict[str, Any]) -> None:
-        seen: set[int] = set()
         for index, p in enumerate(group["params"]):
             where = f"parameter {index} of group {len(self.param_groups) - 1} (shape {tuple(p.shape)})"
-            if id(p) in seen:
-                raise ValueError(f"{where} appears twice in the group")
-            seen.add(id(p))
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"{where} has dtype {p.dtype}; FusedPILoTSGD supports "
                                 f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
@@ -271,6 +275,11 @@ class FusedPILoTSGD(Optimizer):
                     view = storage.as_strided(e.param.shape, e.param.stride(), offset)
                     view.copy_(state[key])
                     state[key] = view
+            # detached (no _base), so that torch.compile guards on sizes only
+            e.flat = tuple(storage[offset:offset + e.numel].detach() if storage.numel() else None
+                           for _, storage, offset in placements)
+            if e.factorised:
+                e.flat += (bucket.l1_slots[e.slot:e.slot + 1].detach(), bucket.nnz_slots[e.slot:e.slot + 1].detach())
             self._record(bucket, e)
 
     def _uses_momentum(self, e: _Entry) -> bool:
@@ -282,6 +291,7 @@ class FusedPILoTSGD(Optimizer):
         """Remember the parameter as the optimizer leaves it, and recompute its telemetry from its value."""
         p = e.param
         e.data_ptr, e.version = p.data_ptr(), p._version
+        e.x_flat = _flat(p).detach()
         if not e.factorised or e.numel == 0:
             return
         x = _flat(p.detach()).float()
@@ -429,39 +439,52 @@ class FusedPILoTSGD(Optimizer):
     def _run_torch(self, bucket: _Bucket, work: list[tuple[_Entry, Tensor, int]],
                    hypers: tuple[tuple[float, ...], ...], grad_scale: Optional[Tensor],
                    found_inf: Optional[Tensor]) -> None:
+        """Factorised tensors: the compiled (or eager) torch step, one call each. Plain tensors: torch's own fused
+        SGD kernel, one call per (group, first momentum step)."""
         if found_inf is not None and bool(found_inf.item()):
             return
-        if self._step_functions is None:
-            self._step_functions = StepFunctions(compile=self._backend != "eager")
+        if self._factorised_step is None:
+            self._factorised_step = FactorisedStep(compile=self._backend != "eager")
         device = bucket.device
         scale = _on(grad_scale, device)
-        scalars = {}
+        group_scalars: dict[int, tuple[Tensor, ...]] = {}
+        first_flags = (torch.tensor(False, device=device), torch.tensor(True, device=device))
+        factorised_calls = []
+        plain_batches: dict[tuple[int, bool], list[tuple[_Entry, Tensor]]] = {}
         for e, grad, flags in work:
-            group = self.param_groups[e.group]
-            if e.group not in scalars:
-                lr, alpha, weight_decay, momentum, one_minus_dampening = (
-                    torch.tensor(v, dtype=torch.float32, device=device) for v in hypers[e.group])
-                sign = torch.tensor(-1.0 if group["maximize"] else 1.0, device=device)
-                nesterov = torch.tensor(bool(group["nesterov"]), device=device)
-                scalars[e.group] = (lr, alpha, weight_decay, momentum, one_minus_dampening, sign, nesterov)
-            lr, alpha, weight_decay, momentum, one_minus_dampening, sign, nesterov = scalars[e.group]
-            first = torch.tensor(bool(flags & _kernel.FLAG_FIRST_MOMENTUM_STEP), device=device)
+            first = bool(flags & _kernel.FLAG_FIRST_MOMENTUM_STEP)
             has_momentum = bool(flags & _kernel.FLAG_MOMENTUM)
-            x = _flat(e.param.detach())
-            g = _flat(grad)
-            n = e.numel
-            if e.factorised:
-                buf_m = bucket.momentum[e.buf_m_offset:e.buf_m_offset + n] if has_momentum else None
-                buf_w = bucket.momentum[e.buf_w_offset:e.buf_w_offset + n] if has_momentum else None
-                self._step_functions.run(
-                    "factorised", g, x, bucket.factors[e.m_offset:e.m_offset + n],
-                    bucket.factors[e.w_offset:e.w_offset + n], buf_m, buf_w, bucket.l1_slots[e.slot:e.slot + 1],
-                    bucket.nnz_slots[e.slot:e.slot + 1], lr, alpha, momentum, one_minus_dampening, sign, first,
-                    nesterov, scale)
-            else:
-                buf = bucket.momentum[e.buf_m_offset:e.buf_m_offset + n] if has_momentum else None
-                self._step_functions.run("plain", g, x, buf, lr, weight_decay, momentum, one_minus_dampening, sign,
-                                         first, nesterov, scale)
+            g = _flat(grad).detach()
+            if not e.factorised:
+                plain_batches.setdefault((e.group, first), []).append((e, g))
+                continue
+            if e.group not in group_scalars:
+                group = self.param_groups[e.group]
+                group_scalars[e.group] = (
+                    *(torch.tensor(v, dtype=torch.float32, device=device) for v in hypers[e.group]),
+                    torch.tensor(-1.0 if group["maximize"] else 1.0, device=device),
+                    torch.tensor(bool(group["nesterov"]), device=device))
+            lr, alpha, _, momentum, one_minus_dampening, sign, nesterov = group_scalars[e.group]
+            m, w, buf_m, buf_w, l1_slot, nnz_slot = e.flat
+            if not has_momentum:
+                buf_m = buf_w = None
+            factorised_calls.append((g, e.x_flat, m, w, buf_m, buf_w, l1_slot, nnz_slot, lr, alpha, momentum,
+                                     one_minus_dampening, sign, first_flags[first], nesterov, scale))
+        self._factorised_step.run(factorised_calls)
+        for (group_index, first), items in plain_batches.items():
+            group = self.param_groups[group_index]
+            params = [e.x_flat for e, _ in items]
+            grads = [g for _, g in items]
+            if bucket.dtype != torch.float32:  # torch's kernel wants buffers in the parameters' dtype: work in fp32
+                params, grads = [x.float() for x in params], [g.float() for g in grads]
+            buffers = [e.flat[0] for e, _ in items] if float(group["momentum"]) != 0 else []
+            torch._fused_sgd_(params, grads, buffers, weight_decay=float(group["weight_decay"]),
+                              momentum=float(group["momentum"]), lr=float(group["lr"]),
+                              dampening=float(group["dampening"]), nesterov=group["nesterov"],
+                              maximize=group["maximize"], is_first_step=first, grad_scale=scale)
+            if bucket.dtype != torch.float32:
+                for (e, _), updated in zip(items, params):
+                    e.x_flat.copy_(updated)
 
     # ------------------------------------------------------------------ telemetry
 
@@ -482,7 +505,7 @@ class FusedPILoTSGD(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._backend = state.pop("backend", getattr(self, "_backend", "auto"))
         super().__setstate__(state)
-        self._step_functions = None
+        self._factorised_step = None
         self._layout()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""The fused step written with torch ops: FusedPILoTSGD's path where the Triton kernel does not run.
+"""The factorised step written with torch ops: FusedPILoTSGD's path where the Triton kernel does not run.
 
 The math is the kernel's (``pilot_kernels.pilot_sgd``), one tensor per call, on 1-D views in memory order.
-Compiled with ``torch.compile`` (one graph with dynamic sizes; inductor fuses it into a single loop over
-memory, telemetry included), or run eagerly where compiling is not possible. Hyper-parameters and flags are
-0-d tensors so that changing lr or alpha between steps never re-compiles.
+Compiled with ``torch.compile`` (dynamic sizes; inductor fuses it into a single loop over memory that also
+computes the telemetry), or run eagerly where compiling is not possible. Hyper-parameters and flags are 0-d
+tensors so that changing lr or alpha between steps never re-compiles. (Plain parameters take torch's own
+fused SGD kernel on this path, see ``FusedPILoTSGD``.)
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+import torch._dynamo
+import torch.fx.experimental._config
 from torch import Tensor
 
 
@@ -47,47 +50,42 @@ def factorised_step_(grad: Tensor, x: Tensor, m: Tensor, w: Tensor, buf_m: Optio
     nnz_out.copy_((stored != 0).sum().reshape(1))
 
 
-def plain_step_(grad: Tensor, x: Tensor, buf: Optional[Tensor], lr: Tensor, weight_decay: Tensor, momentum: Tensor,
-                one_minus_dampening: Tensor, sign: Tensor, first: Tensor, nesterov: Tensor,
-                grad_scale: Optional[Tensor]) -> None:
-    """torch.optim.SGD's step of a plain tensor in place (fp32 math, fp32 momentum buffer)."""
-    g = grad.float()
-    if grad_scale is not None:
-        g = g / grad_scale
-    g = g * sign
-    old_x = x.float()
-    d = g + weight_decay * old_x
-    if buf is not None:
-        d = _momentum_direction_(d, buf, momentum, one_minus_dampening, first, nesterov)
-    x.copy_((old_x - lr * d).to(x.dtype))
+class FactorisedStep:
+    """``factorised_step_``, compiled on first use; falls back to eager (with a warning) if compiling fails.
 
+    Arguments must be 1-D tensors without a ``_base`` (``.detach()`` the views) so that dynamo guards on
+    nothing but their sizes. Graphs differ by parameter dtype, momentum on/off and inductor's size class of
+    the reduction (1, <= 4096, larger): a dozen or so, so the recompile limit is raised for these calls, and
+    duck sizing (which would tie unrelated sizes and offsets that happen to be equal) is off.
+    """
 
-class StepFunctions:
-    """The two step functions, compiled on first use; falls back to eager (with a warning) if compiling fails."""
+    RECOMPILE_LIMIT = 64
 
     def __init__(self, compile: bool) -> None:
         self.compiled = compile
-        if compile:
-            self.factorised: Callable[..., None] = torch.compile(factorised_step_, dynamic=True, fullgraph=True)
-            self.plain: Callable[..., None] = torch.compile(plain_step_, dynamic=True, fullgraph=True)
-        else:
-            self.factorised, self.plain = factorised_step_, plain_step_
+        self.fn: Callable[..., None] = (torch.compile(factorised_step_, dynamic=True, fullgraph=True) if compile
+                                        else factorised_step_)
 
-    def run(self, name: str, *args: object) -> None:
-        fn = getattr(self, name)
+    def run(self, calls: list[tuple[object, ...]]) -> None:
+        """Apply the step to each argument tuple in order."""
         if not self.compiled:
-            fn(*args)
+            for args in calls:
+                self.fn(*args)
             return
+        done = 0
         try:
-            fn(*args)
-        except Exception as error:  # noqa: BLE001 - any compiler failure; a real input error re-raises below
+            with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT), \
+                    torch.fx.experimental._config.patch(use_duck_shape=False):
+                for args in calls:
+                    self.fn(*args)
+                    done += 1
+        except Exception as error:  # noqa: BLE001 - compiler failures only; input errors re-raise below
             if not _is_compiler_failure(error):
                 raise
             warnings.warn(f"torch.compile of the PILoT step failed ({type(error).__name__}: {error}); "
                           "using the eager torch path, which is correct but several times slower", RuntimeWarning)
-            self.compiled = False
-            self.factorised, self.plain = factorised_step_, plain_step_
-            getattr(self, name)(*args)
+            self.compiled, self.fn = False, factorised_step_
+            self.run(calls[done:])
 
 
 def _is_compiler_failure(error: Exception) -> bool:

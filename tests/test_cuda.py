@@ -1,0 +1,67 @@
+"""CUDA tests with the compiled kernels (skipped without a GPU).
+
+The suite runs Triton's interpreter (conftest.py), which cannot follow the kernel's pointer tables into GPU
+memory; so the launcher test re-runs this file in a subprocess with PILOT_REAL_KERNELS=1.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import CUDA, REAL_KERNELS
+from parity import build_pair
+from pilot import FusedPILoTSGD
+from test_optim import train
+from test_parity import SmallCNN
+
+pytestmark = CUDA
+in_subprocess = pytest.mark.skipif(not REAL_KERNELS, reason="runs in the subprocess with compiled kernels")
+
+
+@pytest.mark.skipif(REAL_KERNELS, reason="this is the launcher")
+def test_cuda_suite_with_compiled_kernels() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PILOT_REAL_KERNELS"] = "1"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@in_subprocess
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3),
+                                     dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True, alpha=1e-3)])
+def test_cuda_parity(options: dict, dtype: torch.dtype) -> None:
+    pair = build_pair(SmallCNN().cuda().to(dtype), [(None, options)], backend="auto")
+    assert all(bucket.path == "triton" for bucket in pair.fused._buckets)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 6, 6, generator=generator).cuda().to(dtype)
+    y = torch.randint(0, 7, (8,), generator=generator).cuda()
+    sign = -1.0 if options.get("maximize") else 1.0
+    for _ in range(20):
+        pair.step(lambda model: sign * nn.functional.cross_entropy(model(x).float(), y))
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    pair.assert_close(**tolerance)
+
+
+@in_subprocess
+def test_state_dict_loads_across_cpu_and_cuda() -> None:
+    model = SmallCNN()
+    optimizer = FusedPILoTSGD(model.parameters(), lr=0.05, momentum=0.9, alpha=1e-2, backend="eager")
+    train(model, optimizer, 3)
+    cuda_model = copy.deepcopy(model).cuda()
+    cuda_optimizer = FusedPILoTSGD(cuda_model.parameters())
+    cuda_optimizer.load_state_dict(optimizer.state_dict())
+    for p, q in zip(model.parameters(), cuda_model.parameters()):
+        for key, value in optimizer.state[p].items():
+            assert value is None or torch.equal(value, cuda_optimizer.state[q][key].cpu())
+    back = FusedPILoTSGD(SmallCNN().parameters(), backend="eager")
+    back.load_state_dict(cuda_optimizer.state_dict())
+    for p, q in zip(model.parameters(), back.param_groups[0]["params"]):
+        assert torch.equal(p, q)
