@@ -1,0 +1,142 @@
+"""Alpha schedules: Algorithm 1 on scripted accuracy / L1 sequences, the relative threshold, the fixed schedules,
+state dicts, composition with torch LR schedulers and argument checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pilot import (ConstantAlpha, FusedPILoTSGD, GeometricAlpha, HarmonicAlpha, PILoTSchedule, QuadraticAlpha,
+                   alpha_schedule)
+
+ALPHA = 0.01
+
+
+def make_optimizer() -> FusedPILoTSGD:
+    """Three groups: a factorised one, a plain one (reparam=False) and a mixed one (a weight and a bias)."""
+    torch.manual_seed(0)
+    layer, plain, mixed = nn.Linear(4, 3), nn.Linear(2, 2), nn.Linear(3, 2)
+    return FusedPILoTSGD([{"params": [layer.weight]},
+                          {"params": list(plain.parameters()), "reparam": False, "alpha": 0.5},
+                          {"params": list(mixed.parameters()), "alpha": 2 * ALPHA}],
+                         lr=0.1, alpha=ALPHA, backend="eager")
+
+
+def scripted_l1(monkeypatch: pytest.MonkeyPatch, schedule: PILoTSchedule, values: list[float]) -> None:
+    """l1_norm() returns values[k - 1] during the k-th step (the rule may or may not ask for it)."""
+    monkeypatch.setattr(schedule.optimizer, "l1_norm", lambda: values[schedule.k - 1])
+
+
+def test_algorithm_1_on_scripted_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    optimizer = make_optimizer()
+    schedule = PILoTSchedule(optimizer, factor=2.0, l1_threshold=1.0, total=10)
+    # k:          1     2      3     4     5     6 (> total/2)
+    accuracy = [0.50, 0.40, 0.60, 0.60, 0.70, 0.80]
+    l1 = [2.0, 2.0, 0.5, 1.0, 3.0, 3.0]
+    # grow: all hold; shrink: accuracy dropped; shrink: L1 below K; grow: equal accuracy and L1 == K hold;
+    # grow; shrink: second half
+    expected = [2, 1, 0.5, 1, 2, 1]
+    scripted_l1(monkeypatch, schedule, l1)
+    for acc, multiplier in zip(accuracy, expected):
+        alphas = schedule.step(acc)
+        assert alphas == pytest.approx([ALPHA * multiplier, 2 * ALPHA * multiplier])
+        assert optimizer.param_groups[0]["alpha"] == pytest.approx(ALPHA * multiplier)
+        assert optimizer.param_groups[2]["alpha"] == pytest.approx(2 * ALPHA * multiplier)
+        assert optimizer.param_groups[1]["alpha"] == 0.5  # no factorised parameter: untouched
+    assert schedule.k == 6 and schedule.previous_accuracy == 0.8
+
+
+def test_first_step_compares_with_zero_accuracy(monkeypatch: pytest.MonkeyPatch) -> None:
+    optimizer = make_optimizer()
+    schedule = PILoTSchedule(optimizer, factor=3.0, l1_threshold=0.0, total=2)
+    scripted_l1(monkeypatch, schedule, [1.0, 1.0])
+    assert schedule.step(0.0)[0] == pytest.approx(3 * ALPHA)  # 0 >= 0, k = 1 <= 1
+    assert schedule.step(1.0)[0] == pytest.approx(ALPHA)  # k = 2 > total / 2
+
+
+def test_relative_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    optimizer = make_optimizer()
+    initial = optimizer.l1_norm()
+    assert initial > 0
+    schedule = PILoTSchedule(optimizer, factor=2.0, l1_threshold=0.25, total=100, relative_threshold=True)
+    assert schedule.threshold == pytest.approx(0.25 * initial)
+    scripted_l1(monkeypatch, schedule, [0.3 * initial, 0.2 * initial])
+    assert schedule.step(0.5)[0] == pytest.approx(2 * ALPHA)  # 0.3 of the initial norm >= 0.25
+    assert schedule.step(0.5)[0] == pytest.approx(ALPHA)  # 0.2 < 0.25
+
+
+def test_state_dict_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = make_optimizer(), make_optimizer()
+    schedule = PILoTSchedule(first, factor=2.0, l1_threshold=0.1, total=8)
+    scripted_l1(monkeypatch, schedule, [1.0] * 4)
+    for acc in (0.3, 0.5, 0.4):
+        schedule.step(acc)
+    state = schedule.state_dict()
+    assert "optimizer" not in state
+    restored = PILoTSchedule(second, factor=5.0, l1_threshold=9.0, total=1)
+    restored.load_state_dict(state)
+    second.load_state_dict(first.state_dict())  # the optimizer's state carries the alphas
+    assert (restored.k, restored.previous_accuracy, restored.threshold, restored.factor, restored.total) == \
+        (3, 0.4, 0.1, 2.0, 8)
+    scripted_l1(monkeypatch, restored, [1.0] * 4)
+    assert restored.step(0.45) == schedule.step(0.45)
+
+
+def test_composes_with_torch_lr_scheduler() -> None:
+    optimizer = make_optimizer()
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    alpha_scheduler = GeometricAlpha(optimizer, rate=0.9)
+    for epoch in range(1, 4):
+        optimizer.zero_grad()
+        optimizer.param_groups[0]["params"][0].sum().backward()
+        optimizer.step()
+        lr_scheduler.step()
+        alpha_scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** epoch)
+        assert optimizer.param_groups[0]["alpha"] == pytest.approx(ALPHA * 0.9 ** epoch)
+
+
+@pytest.mark.parametrize("name, multiplier", [
+    ("constant", lambda k: 1.0), ("harmonic", lambda k: 1 / (k + 1)), ("quadratic", lambda k: 1 / (k + 1) ** 2),
+    ("geometric", lambda k: 0.95 ** k)])
+def test_fixed_schedules(name: str, multiplier) -> None:
+    optimizer = make_optimizer()
+    schedule = alpha_schedule(name, optimizer)
+    assert type(schedule) is {"constant": ConstantAlpha, "harmonic": HarmonicAlpha, "quadratic": QuadraticAlpha,
+                              "geometric": GeometricAlpha}[name]
+    for k in range(1, 6):
+        schedule.step()
+        assert optimizer.param_groups[0]["alpha"] == pytest.approx(ALPHA * multiplier(k))
+        assert optimizer.param_groups[2]["alpha"] == pytest.approx(2 * ALPHA * multiplier(k))
+        assert optimizer.param_groups[1]["alpha"] == 0.5
+    restored = alpha_schedule(name, make_optimizer())
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.step() == schedule.step()
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(factor=0.5, l1_threshold=1.0, total=10), "factor"),
+    (dict(factor=float("inf"), l1_threshold=1.0, total=10), "factor"),
+    (dict(factor=2.0, l1_threshold=-1.0, total=10), "l1_threshold"),
+    (dict(factor=2.0, l1_threshold=1.0, total=0), "total"),
+    (dict(factor=2.0, l1_threshold=1.0, total=2.5), "total"),
+])
+def test_pilot_schedule_rejects_bad_arguments(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=argument):
+        PILoTSchedule(make_optimizer(), **kwargs)
+
+
+def test_bad_arguments_elsewhere() -> None:
+    optimizer = make_optimizer()
+    with pytest.raises(ValueError, match="rate"):
+        GeometricAlpha(optimizer, rate=1.5)
+    with pytest.raises(ValueError, match="schedule name"):
+        alpha_schedule("cosine", optimizer)
+    with pytest.raises(ValueError, match="train_accuracy"):
+        PILoTSchedule(optimizer, factor=2.0, l1_threshold=0.0, total=4).step(float("nan"))
+    dense = FusedPILoTSGD(nn.Linear(2, 2).parameters(), reparam=False, backend="eager")
+    with pytest.raises(ValueError, match="no factorised parameter"):
+        ConstantAlpha(dense)
+    with pytest.raises(TypeError, match="l1_norm"):
+        PILoTSchedule(torch.optim.SGD([{"params": [nn.Parameter(torch.ones(2, 2))], "alpha": 0.1}], lr=0.1),
+                      factor=2.0, l1_threshold=0.0, total=4)
