@@ -1,6 +1,10 @@
 """pilot: Triton-fused PILoT sparse training (x = m * w with a dynamic weight decay on the factors)."""
+from .baselines import (ProxSGD, SoftThreshold, lasso_param_groups, remove_str_, soft_threshold, spred_optimizer,
+                        str_param_groups, to_str_model)
 from .factorization import factorize
 from .optim import FusedPILoTSGD
+from .pruning import (SparsityReport, apply_masks_, export_masks, export_sparse, prune_, sparsity_report,
+                      to_torch_prune)
 from .schedule import (AlphaScheduler, ConstantAlpha, GeometricAlpha, HarmonicAlpha, PILoTSchedule, QuadraticAlpha,
                        alpha_schedule)
 
@@ -8,5 +12,8 @@ __all__ = [
     "FusedPILoTSGD", "factorize",
     "PILoTSchedule", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha", "GeometricAlpha",
     "alpha_schedule",
+    "prune_", "apply_masks_", "sparsity_report", "SparsityReport", "export_masks", "export_sparse", "to_torch_prune",
+    "spred_optimizer", "ProxSGD", "soft_threshold", "lasso_param_groups", "SoftThreshold", "to_str_model",
+    "str_param_groups", "remove_str_",
 ]
 __version__ = "0.1.0"
