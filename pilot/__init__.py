@@ -2,6 +2,7 @@
 from .baselines import (ProxSGD, SoftThreshold, lasso_param_groups, remove_str_, soft_threshold, spred_optimizer,
                         str_param_groups, to_str_model)
 from .factorization import factorize
+from .iterative import IterativePruning, PruningCycle
 from .optim import FusedPILoTSGD
 from .pruning import (SparsityReport, apply_masks_, export_masks, export_sparse, prune_, sparsity_report,
                       to_torch_prune)
@@ -15,5 +16,6 @@ __all__ = [
     "prune_", "apply_masks_", "sparsity_report", "SparsityReport", "export_masks", "export_sparse", "to_torch_prune",
     "spred_optimizer", "ProxSGD", "soft_threshold", "lasso_param_groups", "SoftThreshold", "to_str_model",
     "str_param_groups", "remove_str_",
+    "IterativePruning", "PruningCycle",
 ]
 __version__ = "0.1.0"
