@@ -1,0 +1,1 @@
+"""Runnable experiments that reproduce the paper's small-scale results with the library's own optimizer."""
