@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
+import torch._dynamo
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -16,50 +16,74 @@ from pilot_kernels import pilot_sgd as _kernel
 from .factorization import check_beta, factorize
 from .torch_step import FactorisedStep
 
+try:  # FSDP2 parameters are DTensors; torch may be built without distributed support
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - such builds have no sharded parameters to handle
+    DTensor = None
+
 __all__ = ["FusedPILoTSGD"]
 
 BACKENDS = ("auto", "triton", "compile", "eager")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FACTOR_KEYS = ("m", "w", "momentum_buffer_m", "momentum_buffer_w")
 PLAIN_KEYS = ("momentum_buffer",)
+# read from device tensors by the step when capturable=True: group key -> hyper_table column
+CAPTURABLE_COLUMNS = {"lr": _kernel.HYPER_LR, "alpha": _kernel.HYPER_ALPHA}
 _SEGMENT_ALIGN = 32  # elements; keeps every flat segment 128-byte aligned for vector accesses
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(eq=False)
 class _Entry:
-    """One parameter: where its state lives in the bucket's flat storage, and what the optimizer last saw."""
+    """One parameter: where its state lives in the bucket's flat storage, and what the optimizer last saw.
+
+    Sizes, offsets and addresses are those of the local tensor (:func:`_local`): the whole parameter, or this
+    rank's shard of a DTensor.
+    """
 
     param: Tensor
     group: int
     factorised: bool
+    shape: tuple[int, ...]
     numel: int
+    telemetry_group: int  # index into FusedPILoTSGD._telemetry_groups
     m_offset: int = 0
     w_offset: int = 0
     buf_m_offset: int = 0  # the momentum buffer of a plain parameter
     buf_w_offset: int = 0
-    slot: int = 0  # first telemetry slot
+    slot: int = 0  # first slot (one per kernel block, or one per tensor on the torch path)
     data_ptr: int = 0  # to notice `.data` being replaced ...
     version: int = 0  # ... or the parameter being written outside the optimizer
     # 1-D detached views for the torch path: x in memory order, then m, w, b_m, b_w (plain: b) and telemetry slots
     x_flat: Optional[Tensor] = None
     flat: tuple[Optional[Tensor], ...] = ()
 
+    @property
+    def buffer_keys(self) -> tuple[str, ...]:
+        return ("momentum_buffer_m", "momentum_buffer_w") if self.factorised else PLAIN_KEYS
+
 
 class _Bucket:
-    """The parameters of one (device, dtype): flat fp32 storages, telemetry slots and cached kernel tables."""
+    """The parameters of one (device, dtype): flat fp32 storages, per-block slots and cached kernel tables.
+
+    Slots (``l1_slots``, ``nnz_slots``, ``started``): one per kernel block of every tensor on the Triton path,
+    one per tensor on the torch path. ``started`` is 1 where the momentum buffers hold a value (see
+    ``pilot_kernels.pilot_sgd``); ``slot_groups`` maps each slot to its telemetry group.
+    """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, path: str) -> None:
         self.device, self.dtype, self.path = device, dtype, path
         self.entries: list[_Entry] = []
-        self.factors = self.momentum = self.l1_slots = self.nnz_slots = torch.empty(0)
+        self.factors = self.momentum = self.l1_slots = self.nnz_slots = self.started = torch.empty(0)
+        self.slot_groups = torch.empty(0, dtype=torch.int64)
         self.block_tables: dict[tuple[int, ...], Tensor] = {}
-        self.tensor_table: tuple[tuple[int, ...], Optional[Tensor]] = ((), None)
-        self.hyper_table: tuple[tuple[float, ...], Optional[Tensor]] = ((), None)
-        self.grad_scale: Optional[Tensor] = None
-        self.found_inf: Optional[Tensor] = None
+        self.tensor_table: tuple[tuple[tuple[int, ...], ...], Optional[Tensor]] = ((), None)
+        self.hyper_table: tuple[tuple[tuple[float, ...], ...], Optional[Tensor]] = ((), None)
+        self.captured_tables: list[Tensor] = []  # tables a CUDA graph may still read: never freed
 
     def slots_of(self, numel: int) -> int:
-        """Telemetry slots of a factorised tensor: one per kernel block, or one per tensor on the torch path."""
+        """Slots of a tensor: one per kernel block on the Triton path, one per tensor on the torch path."""
         return _kernel.telemetry_slots(numel) if self.path == "triton" else 1
 
 
@@ -82,6 +106,45 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
+def _is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor the step works on: this rank's shard of a DTensor (FSDP2), else t itself.
+
+    Detached: a view sharing the shard's memory and version counter.
+    """
+    return t.to_local().detach() if _is_dtensor(t) else t
+
+
+def _like_param(local: Tensor, p: Tensor) -> Tensor:
+    """State shaped like p's local tensor, exposed as p is: wrapped in a DTensor with p's sharding for a DTensor
+    p (so that state dicts and torch.distributed.checkpoint see sharded state), else as it is."""
+    if not _is_dtensor(p):
+        return local
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())
+
+
+def _local_shard_of(value: Tensor, p: Tensor) -> Tensor:
+    """The part of a loaded state tensor (shaped like p) that this rank keeps for p."""
+    if _is_dtensor(p):
+        if not _is_dtensor(value):  # a full tensor (e.g. a checkpoint of an unsharded run): every rank slices its own
+            value = distribute_tensor(value.to(_local(p).device), p.device_mesh, p.placements, src_data_rank=None)
+        elif value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
+            value = value.redistribute(p.device_mesh, p.placements)
+        return value.to_local()
+    return value.full_tensor() if _is_dtensor(value) else value
+
+
+def _shard_groups(p: Tensor) -> tuple[Any, ...]:
+    """The process groups over which p's shards must be summed (mesh dimensions that shard it); () if none."""
+    if not _is_dtensor(p):
+        return ()
+    return tuple(p.device_mesh.get_group(dim) for dim, placement in enumerate(p.placements) if placement.is_shard())
+
+
 def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
     if isinstance(value, Tensor):
         if value.numel() != 1:
@@ -92,6 +155,8 @@ def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
         raise TypeError(f"Invalid {name} value: expected a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < minimum:
         raise ValueError(f"Invalid {name} value: {value} (need a finite number >= {minimum})")
+    if abs(value) > _FP32_MAX:  # the step computes in fp32: such a value would be inf there
+        raise ValueError(f"Invalid {name} value: {value} does not fit in float32 (|value| <= {_FP32_MAX:.4g})")
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -99,6 +164,7 @@ def _check_group(group: dict[str, Any]) -> None:
         _check_number(name, group[name])
     _check_number("dampening", group["dampening"], minimum=-math.inf)
     check_beta(group["beta"])
+    _check_number("beta", group["beta"])
     for name in ("nesterov", "maximize"):
         if not isinstance(group[name], bool):
             raise TypeError(f"Invalid {name} value: expected a bool, got {group[name]!r}")
@@ -106,6 +172,10 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid reparam value: {group['reparam']!r} (need None, True or False)")
     if group["nesterov"] and (float(group["momentum"]) <= 0 or float(group["dampening"]) != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def _stream_is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class FusedPILoTSGD(Optimizer):
@@ -118,7 +188,7 @@ class FusedPILoTSGD(Optimizer):
 
     .. math::
         \begin{aligned}
-            &g \leftarrow -g \text{ if maximize} \\
+            &g \leftarrow g / s \text{ (GradScaler's scale, if any)}, \qquad g \leftarrow -g \text{ if maximize} \\
             &g_m = g \odot w + \alpha\, m, \qquad g_w = g \odot m + \alpha\, w \\
             &\text{if } \mu \neq 0:\ b_m \leftarrow g_m \text{ (first step)},\ \text{else }
                 b_m \leftarrow \mu\, b_m + (1 - \tau)\, g_m \qquad (\text{same for } b_w) \\
@@ -126,9 +196,10 @@ class FusedPILoTSGD(Optimizer):
             &m \leftarrow m - \gamma\, g_m, \qquad w \leftarrow w - \gamma\, g_w, \qquad x \leftarrow m \odot w
         \end{aligned}
 
-    with lr :math:`\gamma`, momentum :math:`\mu`, dampening :math:`\tau`. x is written back into the parameter
-    (rounded to its dtype). Parameters that are not factorised get ``torch.optim.SGD``'s update with
-    ``weight_decay`` (fp32 math, fp32 momentum buffer). At construction each factorised x is split as
+    with lr :math:`\gamma`, momentum :math:`\mu`, dampening :math:`\tau`. All of it in fp32; x is written back
+    into the parameter rounded to its dtype (fp32, bf16 or fp16), so the model always holds exactly
+    round(m * w). Parameters that are not factorised get ``torch.optim.SGD``'s update with ``weight_decay``
+    (fp32 math, fp32 momentum buffer). At construction each factorised x is split as
     :math:`m_0 = \sqrt{(\beta + \sqrt{\beta^2 + 4x^2})/2},\ w_0 = x / m_0` (so :math:`m_0^2 - w_0^2 = \beta`;
     beta = 0 is spred's init) and the parameter is overwritten with :math:`m_0 \odot w_0`.
 
@@ -145,32 +216,64 @@ class FusedPILoTSGD(Optimizer):
         backend: ``"auto"`` (the Triton kernel for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``;
             else the torch path compiled with ``torch.compile``), ``"triton"``, ``"compile"`` or ``"eager"``
             (the torch path without compiling).
+        capturable: the step reads ``lr`` and ``alpha`` from device tensors and never synchronises with the
+            host, so that it can be captured in a CUDA graph (see below). Needs the Triton path.
 
     State (``optimizer.state[p]``): ``"m"``, ``"w"``, ``"momentum_buffer_m"``, ``"momentum_buffer_w"`` for a
     factorised p, ``"momentum_buffer"`` otherwise, each shaped like p (buffers are None until the first step
     with momentum). They are views into flat fp32 storage per (device, dtype), laid out again by
-    ``add_param_group`` and ``load_state_dict``.
+    ``add_param_group``, ``load_state_dict`` and when momentum is switched on.
 
     The model is the source of truth: if a factorised parameter is written outside the optimizer (a model
-    ``load_state_dict``, manual pruning, re-initialisation), the entries whose value no longer equals
-    round(m * w) are factorised again from their new value (with the group's beta) and their momentum restarts
-    from zero; the others keep their factors.
+    ``load_state_dict``, manual pruning, re-initialisation, ``p.data = ...`` with the same shape, dtype and
+    device), the entries whose value no longer equals round(m * w) are factorised again from their new value
+    (with the group's beta) and their momentum restarts from zero; the others keep their factors. A parameter
+    that changed shape, dtype or device is an error: create the optimizer after moving or converting the model.
 
     After each step, :meth:`l1_norm` and :meth:`density` give sum |x| and the fraction of x != 0 over the
     factorised parameters, computed by the step pass itself.
+
+    Mixed precision and ``torch.amp.GradScaler``: ``GradScaler.step(optimizer)`` hands the optimizer its scale
+    and found-inf flag (``_step_supports_amp_scaling``); the kernel divides the gradients by the scale as it
+    loads them and skips the whole step on the device when found_inf is set (the torch path reads found_inf on
+    the host). A first momentum step that is skipped stays a first step (b = g at the next step).
+
+    CUDA graphs (``capturable=True``): ``group["lr"]`` and ``group["alpha"]`` become 0-d fp32 tensors on the
+    parameters' device (numbers are converted when a group is added or loaded) and are read on the device at
+    every step, so schedulers must update them in place: torch's LR schedulers do (``fill_``); to edit them
+    by hand, ``group["alpha"].fill_(value)``. Assigning a number to them later is a TypeError at the next step,
+    since a captured graph would never see it. Other hyper-parameters are host values baked into the tables.
+    Warm up a few steps before capturing (the first steps build the tables) and keep the gradients at fixed
+    addresses during capture (``zero_grad(set_to_none=False)``): a table that has to change while the stream
+    is capturing is a RuntimeError. Re-capture after anything that lays the state out again.
+
+    Distributed: under DistributedDataParallel every rank applies the same step to the same averaged gradient,
+    so the factors stay identical. FSDP2 (``fully_shard``) parameters are DTensors: the optimizer keeps factors
+    and buffers for the local shard only (whether a parameter is factorised follows its global ``ndim``), its
+    state entries are DTensors with the parameter's sharding (so ``torch.distributed.checkpoint`` saves and
+    loads them sharded), and :meth:`l1_norm` / :meth:`density` sum over the shards: they are collectives,
+    to be called on every rank.
+
+    ``torch.compile``: a compiled model trains with this optimizer unchanged. The step itself is not traced:
+    called inside a compiled function it runs eagerly between graphs (``torch._dynamo.disable``), because it
+    reads tensor addresses and versions on the host to build its tables.
     """
 
     def __init__(self, params: Union[Iterable[Tensor], Iterable[dict[str, Any]]], lr: Union[float, Tensor] = 1e-3,
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 alpha: float = 0.0, beta: float = 1.0, reparam: Optional[bool] = None, maximize: bool = False,
-                 backend: str = "auto") -> None:
+                 alpha: Union[float, Tensor] = 0.0, beta: float = 1.0, reparam: Optional[bool] = None,
+                 maximize: bool = False, backend: str = "auto", capturable: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (need one of {', '.join(BACKENDS)})")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"Invalid capturable value: expected a bool, got {capturable!r}")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, alpha=alpha, beta=beta, reparam=reparam, maximize=maximize)
         _check_group(defaults)
         self._backend = backend
+        self._capturable = capturable
         self._buckets: list[_Bucket] = []
+        self._telemetry_groups: list[tuple[tuple[Any, ...], torch.device]] = []
         self._factorised_step: Optional[FactorisedStep] = None
         super().__init__(params, defaults)
         # torch.amp.GradScaler hands grad_scale / found_inf to step() instead of unscaling the gradients.
@@ -185,6 +288,7 @@ class FusedPILoTSGD(Optimizer):
             param_group["params"] = list(params)
             if len({id(p) for p in param_group["params"]}) != len(param_group["params"]):
                 raise ValueError("a parameter appears twice in the group")
+        own_tensors = {key for key in CAPTURABLE_COLUMNS if isinstance(param_group.get(key), Tensor)}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -193,32 +297,75 @@ class FusedPILoTSGD(Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        if self._capturable:
+            self._make_capturable(group, keep=own_tensors)
         for p in group["params"]:
+            local = _local(p)
             if self._factorises(p, group):
-                m0, w0 = factorize(p.detach(), group["beta"])
+                m0, w0 = factorize(local.detach(), group["beta"])
                 with torch.no_grad():
-                    p.copy_(m0 * w0)
+                    local.copy_(m0 * w0)
                 self.state[p] = {"m": m0, "w": w0, "momentum_buffer_m": None, "momentum_buffer_w": None}
             else:
                 self.state[p] = {"momentum_buffer": None}
+        self._settle_momentum()
         self._layout()
 
     @staticmethod
     def _factorises(p: Tensor, group: dict[str, Any]) -> bool:
-        return p.ndim >= 2 if group["reparam"] is None else bool(group["reparam"])
+        return p.ndim >= 2 if group["reparam"] is None else bool(group["reparam"])  # global ndim for a DTensor
 
     def _check_params(self, group: dict[str, Any]) -> None:
         for index, p in enumerate(group["params"]):
             where = f"parameter {index} of group {len(self.param_groups) - 1} (shape {tuple(p.shape)})"
+            local = _local(p)
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"{where} has dtype {p.dtype}; FusedPILoTSGD supports "
                                 f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+            if local.device.type == "meta":
+                raise ValueError(f"{where} is on the meta device and has no data: materialise the model "
+                                 "(e.g. to_empty() and initialise it) before creating the optimizer")
             if group["reparam"] and p.ndim == 0:
                 raise ValueError(f"reparam=True: {where} is 0-d; only tensors with at least one dimension "
                                  "are factorised")
-            if p.is_sparse or not is_non_overlapping_and_dense(p):
+            if local.is_sparse or not is_non_overlapping_and_dense(local):
                 raise ValueError(f"{where} is not a dense tensor (it overlaps or has gaps in memory); "
                                  "pass the parameter itself, not a strided view")
+            if self._capturable and self._path_for(local.device) != "triton":
+                raise ValueError(f"capturable=True needs the Triton kernel, but {where} on {local.device} takes "
+                                 f"the torch path (backend={self._backend!r}); use CUDA tensors (or "
+                                 "TRITON_INTERPRET=1 on CPU) with backend 'auto' or 'triton'")
+        self._check_no_shared_memory([p for g in self.param_groups for p in g["params"]])
+
+    @staticmethod
+    def _check_no_shared_memory(params: list[Tensor]) -> None:
+        """Two parameters over the same memory would be stepped twice per step (and factorised inconsistently)."""
+        spans = []
+        for p in params:
+            local = _local(p)
+            if local.numel():
+                start = local.data_ptr()
+                spans.append((local.device, start, start + local.numel() * local.element_size(), tuple(p.shape)))
+        spans.sort(key=lambda span: (str(span[0]), span[1]))
+        for (device, _, end, shape), (next_device, next_start, _, next_shape) in zip(spans, spans[1:]):
+            if device == next_device and next_start < end:
+                raise ValueError(f"parameters of shapes {shape} and {next_shape} share memory (views of one "
+                                 "tensor?); each parameter must own its memory")
+
+    def _make_capturable(self, group: dict[str, Any], keep: set[str]) -> None:
+        """lr and alpha as 0-d fp32 tensors on the group's device, so that the step can read them there.
+
+        A tensor the caller passed for this group (``keep``) is used as it is when it already is one, so the
+        caller's own reference keeps working; anything else (numbers, tensors shared through the defaults or
+        a loaded state dict) becomes a tensor of its own.
+        """
+        device = _local(group["params"][0]).device if group["params"] else torch.device("cpu")
+        for key in CAPTURABLE_COLUMNS:
+            value = group[key]
+            usable = (isinstance(value, Tensor) and value.dim() == 0 and value.dtype == torch.float32
+                      and value.device == device)
+            if not (usable and key in keep):
+                group[key] = torch.tensor(float(value), dtype=torch.float32, device=device)
 
     def _path_for(self, device: torch.device) -> str:
         backend = self._backend
@@ -233,12 +380,20 @@ class FusedPILoTSGD(Optimizer):
     def _layout(self) -> None:
         """Move every parameter's state into flat fp32 storage per (device, dtype); state entries become views."""
         buckets: dict[tuple[torch.device, torch.dtype], _Bucket] = {}
+        telemetry_index: dict[tuple[Any, ...], int] = {(): 0}
+        self._telemetry_groups = [((), torch.device("cpu"))]
         for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
-                key = (p.device, p.dtype)
+                local = _local(p)
+                key = (local.device, p.dtype)
                 if key not in buckets:
-                    buckets[key] = _Bucket(p.device, p.dtype, self._path_for(p.device))
-                buckets[key].entries.append(_Entry(p, group_index, "m" in self.state[p], p.numel()))
+                    buckets[key] = _Bucket(local.device, p.dtype, self._path_for(local.device))
+                shard_groups = _shard_groups(p)
+                if shard_groups not in telemetry_index:  # same order on every rank: the order of the groups
+                    telemetry_index[shard_groups] = len(self._telemetry_groups)
+                    self._telemetry_groups.append((shard_groups, local.device))
+                buckets[key].entries.append(_Entry(p, group_index, "m" in self.state[p], tuple(local.shape),
+                                                   local.numel(), telemetry_index[shard_groups]))
         for bucket in buckets.values():
             self._allocate(bucket)
         self._buckets = list(buckets.values())
@@ -253,48 +408,55 @@ class FusedPILoTSGD(Optimizer):
                 e.buf_w_offset = momentum_size + size
                 factor_size += 2 * size
                 momentum_size += 2 * size
-                e.slot = slots
-                slots += bucket.slots_of(e.numel)
             else:
                 momentum_size += size
+            e.slot = slots
+            slots += bucket.slots_of(e.numel)
         needs_momentum = any(self._uses_momentum(e) for e in bucket.entries)
         device = bucket.device
         bucket.factors = torch.zeros(factor_size, dtype=torch.float32, device=device)
-        # Zeros, so that a buffer whose first step was skipped (GradScaler found inf) starts from b = 0.
         bucket.momentum = torch.zeros(momentum_size if needs_momentum else 0, dtype=torch.float32, device=device)
         bucket.l1_slots = torch.zeros(slots, dtype=torch.float32, device=device)
         bucket.nnz_slots = torch.zeros(slots, dtype=torch.int64, device=device)
+        started = torch.zeros(slots, dtype=torch.int32)
+        slot_groups = torch.zeros(slots, dtype=torch.int64)
         for e in bucket.entries:
             state = self.state[e.param]
+            slot_range = slice(e.slot, e.slot + bucket.slots_of(e.numel))
+            started[slot_range] = int(state[e.buffer_keys[0]] is not None)
+            slot_groups[slot_range] = e.telemetry_group
             placements = ((("m", bucket.factors, e.m_offset), ("w", bucket.factors, e.w_offset),
                            ("momentum_buffer_m", bucket.momentum, e.buf_m_offset),
                            ("momentum_buffer_w", bucket.momentum, e.buf_w_offset)) if e.factorised else
                           (("momentum_buffer", bucket.momentum, e.buf_m_offset),))
+            local = _local(e.param)
             for key, storage, offset in placements:
                 if state.get(key) is not None:
-                    view = storage.as_strided(e.param.shape, e.param.stride(), offset)
-                    view.copy_(state[key])
-                    state[key] = view
+                    view = storage.as_strided(local.shape, local.stride(), offset)
+                    view.copy_(_local(state[key]))
+                    state[key] = _like_param(view, e.param)
             # detached (no _base), so that torch.compile guards on sizes only
             e.flat = tuple(storage[offset:offset + e.numel].detach() if storage.numel() else None
                            for _, storage, offset in placements)
             if e.factorised:
                 e.flat += (bucket.l1_slots[e.slot:e.slot + 1].detach(), bucket.nnz_slots[e.slot:e.slot + 1].detach())
             self._record(bucket, e)
+        bucket.started = started.to(device)
+        bucket.slot_groups = slot_groups.to(device)
 
     def _uses_momentum(self, e: _Entry) -> bool:
         state = self.state[e.param]
-        has_buffer = any(state.get(k) is not None for k in ("momentum_buffer_m", "momentum_buffer"))
+        has_buffer = state[e.buffer_keys[0]] is not None
         return has_buffer or float(self.param_groups[e.group]["momentum"]) != 0
 
     def _record(self, bucket: _Bucket, e: _Entry) -> None:
         """Remember the parameter as the optimizer leaves it, and recompute its telemetry from its value."""
-        p = e.param
-        e.data_ptr, e.version = p.data_ptr(), p._version
-        e.x_flat = _flat(p).detach()
+        local = _local(e.param)
+        e.data_ptr, e.version = local.data_ptr(), local._version
+        e.x_flat = _flat(local).detach()
         if not e.factorised or e.numel == 0:
             return
-        x = _flat(p.detach()).float()
+        x = _flat(local.detach()).float()
         slots = bucket.slots_of(e.numel)
         if slots > 1:
             x = torch.nn.functional.pad(x, (0, slots * _kernel.BLOCK_SIZE - e.numel)).view(slots, -1)
@@ -303,33 +465,52 @@ class FusedPILoTSGD(Optimizer):
         bucket.l1_slots[e.slot:e.slot + slots] = x.abs().sum(dim=1)
         bucket.nnz_slots[e.slot:e.slot + slots] = (x != 0).sum(dim=1)
 
+    def _settle_momentum(self) -> None:
+        """Forget the buffers of parameters whose first momentum step the device skipped (GradScaler's found_inf).
+
+        The host exposes a parameter's buffers after the launch of its first momentum step without reading
+        found_inf; the device's ``started`` slots know whether that step ran. Reading them is a sync, so this
+        runs only where the host state must be exact: before state dicts, pickling and re-laying the state.
+        """
+        for bucket in self._buckets:
+            started = None
+            for e in bucket.entries:
+                state = self.state[e.param]
+                if e.numel == 0 or state[e.buffer_keys[0]] is None:
+                    continue
+                if started is None:
+                    started = bucket.started.tolist()
+                if not started[e.slot]:
+                    for key in e.buffer_keys:
+                        state[key] = None
+
     # ------------------------------------------------------------------ the parameter as the source of truth
 
     def _sync_if_modified(self, bucket: _Bucket, e: _Entry) -> bool:
         """Re-factorise the entries of a parameter written outside the optimizer; True if storage must be re-laid."""
-        p = e.param
-        if p.data_ptr() == e.data_ptr and p._version == e.version:
+        local = _local(e.param)
+        if local.data_ptr() == e.data_ptr and local._version == e.version:
             return False
-        if p.device != bucket.device or p.dtype != bucket.dtype or p.numel() != e.numel:
+        if local.device != bucket.device or local.dtype != bucket.dtype or tuple(local.shape) != e.shape:
             raise ValueError(
-                f"a parameter of shape {tuple(p.shape)} changed device, dtype or size after the optimizer was created "
-                f"(now {p.device}, {p.dtype}; was {bucket.device}, {bucket.dtype}, {e.numel} elements); create the "
+                f"a parameter changed device, dtype or shape after the optimizer was created (now {local.device}, "
+                f"{local.dtype}, {tuple(local.shape)}; was {bucket.device}, {bucket.dtype}, {e.shape}); create the "
                 "optimizer after moving or converting the model")
-        if not is_non_overlapping_and_dense(p):
-            raise ValueError(f"a parameter of shape {tuple(p.shape)} was replaced by a tensor that is not dense")
-        state = self.state[p]
+        if not is_non_overlapping_and_dense(local):
+            raise ValueError(f"a parameter of shape {e.shape} was replaced by a tensor that is not dense")
+        state = {key: None if value is None else _local(value) for key, value in self.state[e.param].items()}
         if e.factorised:
             with torch.no_grad():
                 m, w = state["m"], state["w"]
-                changed = p != (m * w).to(p.dtype)
+                changed = local != (m * w).to(local.dtype)
                 if bool(changed.any()):
-                    m0, w0 = factorize(p, self.param_groups[e.group]["beta"])
+                    m0, w0 = factorize(local, self.param_groups[e.group]["beta"])
                     m.copy_(torch.where(changed, m0, m))
                     w.copy_(torch.where(changed, w0, w))
-                    for key in ("momentum_buffer_m", "momentum_buffer_w"):
+                    for key in e.buffer_keys:
                         if state[key] is not None:
                             state[key].masked_fill_(changed, 0.0)
-        if any(t is not None and t.stride() != p.stride() for t in state.values()):
+        if any(t is not None and t.stride() != local.stride() for t in state.values()):
             return True  # `.data` replaced by another memory layout (e.g. channels_last): state must follow
         self._record(bucket, e)
         return False
@@ -342,10 +523,12 @@ class FusedPILoTSGD(Optimizer):
                 relayout |= self._sync_if_modified(bucket, e)
             relayout |= bucket.momentum.numel() == 0 and any(self._uses_momentum(e) for e in bucket.entries)
         if relayout:
+            self._settle_momentum()
             self._layout()
 
     # ------------------------------------------------------------------ the step
 
+    @torch._dynamo.disable  # host-side tables (addresses, versions): never traced, see the class docstring
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimisation step (one fused launch per (device, dtype)).
@@ -367,82 +550,116 @@ class FusedPILoTSGD(Optimizer):
                 continue
             if bucket.path == "triton":
                 self._launch(bucket, work, hypers, grad_scale, found_inf)
-            else:
-                self._run_torch(bucket, work, hypers, grad_scale, found_inf)
+            elif not self._run_torch(bucket, work, hypers, grad_scale, found_inf):
+                continue
             for e, _, _ in work:
                 if self.param_groups[e.group]["momentum"] != 0:
                     self._expose_buffers(bucket, e)
-                e.version = e.param._version
+                e.version = _local(e.param)._version
         return loss
 
-    @staticmethod
-    def _hyper_row(group: dict[str, Any]) -> tuple[float, ...]:
-        return (float(group["lr"]), float(group["alpha"]), float(group["weight_decay"]), float(group["momentum"]),
-                1.0 - float(group["dampening"]))
+    def _hyper_row(self, group: dict[str, Any]) -> tuple[float, ...]:
+        """The group's row of the hyper table; with capturable=True, lr and alpha are filled in on the device."""
+        lr, alpha = (0.0, 0.0) if self._capturable else (float(group["lr"]), float(group["alpha"]))
+        return lr, alpha, float(group["weight_decay"]), float(group["momentum"]), 1.0 - float(group["dampening"])
 
     def _collect(self, bucket: _Bucket) -> list[tuple[_Entry, Tensor, int]]:
         """(entry, dense gradient, kernel flags) of every parameter of the bucket that has a gradient."""
         work = []
         for e in bucket.entries:
             p = e.param
-            grad = p.grad
-            if grad is None or e.numel == 0:
+            if p.grad is None or e.numel == 0:
                 continue
-            if grad.layout != torch.strided:
+            if p.grad.layout != torch.strided:
                 raise TypeError(f"FusedPILoTSGD does not support sparse gradients (parameter of shape "
-                                f"{tuple(p.shape)} has a {grad.layout} gradient)")
-            if grad.stride() != p.stride():  # the kernel walks x and its gradient in the same memory order
-                grad = torch.empty_like(p).copy_(grad)
+                                f"{tuple(p.shape)} has a {p.grad.layout} gradient)")
+            local, grad = _local(p), _local(p.grad)
+            if grad.stride() != local.stride():  # the kernel walks x and its gradient in the same memory order
+                grad = torch.empty_like(local).copy_(grad)
             group = self.param_groups[e.group]
             flags = 0
             if e.factorised:
                 flags |= _kernel.FLAG_FACTORISED
             if group["momentum"] != 0:
                 flags |= _kernel.FLAG_MOMENTUM
-                buffer_key = "momentum_buffer_m" if e.factorised else "momentum_buffer"
-                if self.state[p][buffer_key] is None:
-                    flags |= _kernel.FLAG_FIRST_MOMENTUM_STEP
             if group["nesterov"]:
                 flags |= _kernel.FLAG_NESTEROV
             if group["maximize"]:
                 flags |= _kernel.FLAG_MAXIMIZE
-            if p.data_ptr() % 16 == 0 and grad.data_ptr() % 16 == 0:
+            if local.data_ptr() % _kernel.ADDRESS_ALIGN == 0 and grad.data_ptr() % _kernel.ADDRESS_ALIGN == 0:
                 flags |= _kernel.FLAG_ALIGNED
             work.append((e, grad, flags))
         return work
 
     def _expose_buffers(self, bucket: _Bucket, e: _Entry) -> None:
         state = self.state[e.param]
-        keys = (("momentum_buffer_m", e.buf_m_offset), ("momentum_buffer_w", e.buf_w_offset)) if e.factorised else (
-            ("momentum_buffer", e.buf_m_offset),)
-        for key, offset in keys:
+        local = _local(e.param)
+        for key, offset in zip(e.buffer_keys, (e.buf_m_offset, e.buf_w_offset)):
             if state[key] is None:
-                state[key] = bucket.momentum.as_strided(e.param.shape, e.param.stride(), offset)
+                state[key] = _like_param(bucket.momentum.as_strided(local.shape, local.stride(), offset), e.param)
 
     def _launch(self, bucket: _Bucket, work: list[tuple[_Entry, Tensor, int]], hypers: tuple[tuple[float, ...], ...],
                 grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         device = bucket.device
-        rows = tuple((e.param.data_ptr(), grad.data_ptr(), e.numel, e.m_offset, e.w_offset, e.buf_m_offset,
+        rows = tuple((_local(e.param).data_ptr(), grad.data_ptr(), e.numel, e.m_offset, e.w_offset, e.buf_m_offset,
                       e.buf_w_offset, flags, e.group, e.slot) for e, grad, flags in work)
         if bucket.tensor_table[0] != rows:
-            bucket.tensor_table = (rows, torch.tensor(rows, dtype=torch.int64, device=device))
-        if bucket.hyper_table[0] != hypers:
-            bucket.hyper_table = (hypers, torch.tensor(hypers, dtype=torch.float32, device=device))
+            bucket.tensor_table = (rows, self._upload(device, lambda: torch.tensor(rows, dtype=torch.int64)))
+        self._update_hyper_table(bucket, hypers)
         active = tuple(id(e) for e, _, _ in work)
         if active not in bucket.block_tables:
-            bucket.block_tables[active] = _kernel.build_block_table([e.numel for e, _, _ in work], device)
+            bucket.block_tables[active] = self._upload(
+                device, lambda: _kernel.build_block_table([e.numel for e, _, _ in work], torch.device("cpu")))
+        if _stream_is_capturing(device):  # the graph reads these tables at every replay: keep them alive
+            bucket.captured_tables += [bucket.tensor_table[1], bucket.hyper_table[1], bucket.block_tables[active]]
         _kernel.launch_pilot_sgd(
             bucket.tensor_table[1], bucket.hyper_table[1], bucket.block_tables[active], bucket.factors,
             bucket.momentum if bucket.momentum.numel() else bucket.factors, bucket.l1_slots, bucket.nnz_slots,
-            bucket.dtype, grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device))
+            bucket.started, bucket.dtype, grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device))
+
+    @staticmethod
+    def _upload(device: torch.device, build: Callable[[], Tensor]) -> Tensor:
+        """A host-built kernel table, copied to the device (which CUDA graph capture forbids)."""
+        if _stream_is_capturing(device):
+            raise RuntimeError(
+                "FusedPILoTSGD: a kernel table (gradient addresses, hyper-parameters other than lr and alpha, or "
+                "which parameters have gradients) changed while a CUDA graph was being captured. Run a few steps "
+                "before capturing, keep the gradients at fixed addresses (zero_grad(set_to_none=False)) and "
+                "change only lr and alpha (in place) between replays")
+        return build().to(device)
+
+    def _update_hyper_table(self, bucket: _Bucket, hypers: tuple[tuple[float, ...], ...]) -> None:
+        """Upload the host part of the hyper table when it changed; with capturable=True, copy lr and alpha into it
+        on the device (no host sync: the copy reads the group tensors, so a captured graph sees in-place edits)."""
+        if bucket.hyper_table[0] != hypers:
+            table = bucket.hyper_table[1]
+            new = self._upload(bucket.device, lambda: torch.tensor(hypers, dtype=torch.float32))
+            if self._capturable and table is not None and table.shape == new.shape:
+                table.copy_(new)  # in place: a captured graph keeps reading this table
+                new = table
+            bucket.hyper_table = (hypers, new)
+        if self._capturable:
+            table = bucket.hyper_table[1]
+            for key, column in CAPTURABLE_COLUMNS.items():
+                values = []
+                for index, group in enumerate(self.param_groups):
+                    value = group[key]
+                    if not isinstance(value, Tensor):
+                        raise TypeError(
+                            f"capturable=True: group {index}'s {key} was set to {type(value).__name__} {value!r}; "
+                            f"update the tensor in place instead (group[{key!r}].fill_(value), as torch's LR "
+                            "schedulers do), so that a captured CUDA graph sees the change")
+                    values.append(value.to(bucket.device, torch.float32, non_blocking=True).reshape(()))
+                table[:, column].copy_(torch.stack(values))
 
     def _run_torch(self, bucket: _Bucket, work: list[tuple[_Entry, Tensor, int]],
                    hypers: tuple[tuple[float, ...], ...], grad_scale: Optional[Tensor],
-                   found_inf: Optional[Tensor]) -> None:
+                   found_inf: Optional[Tensor]) -> bool:
         """Factorised tensors: the compiled (or eager) torch step, one call each. Plain tensors: torch's own fused
-        SGD kernel, one call per (group, first momentum step)."""
+        SGD kernel, one call per (group, first momentum step). False if GradScaler's found_inf skipped the step
+        (read on the host: this path is not capturable)."""
         if found_inf is not None and bool(found_inf.item()):
-            return
+            return False
         if self._factorised_step is None:
             self._factorised_step = FactorisedStep(compile=self._backend != "eager")
         device = bucket.device
@@ -452,8 +669,10 @@ class FusedPILoTSGD(Optimizer):
         factorised_calls = []
         plain_batches: dict[tuple[int, bool], list[tuple[_Entry, Tensor]]] = {}
         for e, grad, flags in work:
-            first = bool(flags & _kernel.FLAG_FIRST_MOMENTUM_STEP)
             has_momentum = bool(flags & _kernel.FLAG_MOMENTUM)
+            first = has_momentum and self.state[e.param][e.buffer_keys[0]] is None
+            if first:
+                bucket.started[e.slot] = 1
             g = _flat(grad).detach()
             if not e.factorised:
                 plain_batches.setdefault((e.group, first), []).append((e, g))
@@ -485,39 +704,74 @@ class FusedPILoTSGD(Optimizer):
             if bucket.dtype != torch.float32:
                 for (e, _), updated in zip(items, params):
                     e.x_flat.copy_(updated)
+        return True
 
     # ------------------------------------------------------------------ telemetry
 
     def l1_norm(self) -> float:
         """Sum of |m * w| over the factorised parameters (as the model holds them), from the last step."""
-        self._sync()
-        return float(sum(bucket.l1_slots.double().sum().item() for bucket in self._buckets))
+        return self._telemetry()[0]
 
     def density(self) -> float:
         """Fraction of factorised entries with m * w != 0 (nan when no parameter is factorised)."""
-        self._sync()
-        total = sum(e.numel for bucket in self._buckets for e in bucket.entries if e.factorised)
-        nonzero = sum(int(bucket.nnz_slots.sum().item()) for bucket in self._buckets)
+        total = sum(e.param.numel() for bucket in self._buckets for e in bucket.entries if e.factorised)
+        nonzero = self._telemetry()[1]
         return nonzero / total if total else math.nan
+
+    def _telemetry(self) -> tuple[float, int]:
+        """(sum |x|, count of x != 0) over the factorised parameters; the shards of DTensors summed over ranks."""
+        self._sync()
+        sums: list[Optional[Tensor]] = [None] * len(self._telemetry_groups)
+        for bucket in self._buckets:
+            if not bucket.l1_slots.numel():
+                continue
+            per_slot = torch.stack([bucket.l1_slots.double(), bucket.nnz_slots.double()], dim=1)
+            per_group = per_slot.new_zeros(len(sums), 2).index_add_(0, bucket.slot_groups, per_slot)
+            for index in range(len(sums)):
+                total = sums[index]
+                sums[index] = per_group[index] if total is None else total + per_group[index].to(total.device)
+        l1, nonzero = 0.0, 0
+        for (process_groups, device), total in zip(self._telemetry_groups, sums):
+            if total is None:  # no local slot (e.g. empty shards): a collective still needs this rank's zeros
+                if not process_groups:
+                    continue
+                total = torch.zeros(2, dtype=torch.float64, device=device)
+            for process_group in process_groups:
+                dist.all_reduce(total, group=process_group)
+            group_l1, group_nonzero = total.tolist()
+            l1 += group_l1
+            nonzero += int(group_nonzero)
+        return l1, nonzero
 
     # ------------------------------------------------------------------ checkpoints
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict; state entries of DTensor parameters are DTensors (sharded like them)."""
+        self._settle_momentum()
+        return super().state_dict()
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._backend = state.pop("backend", getattr(self, "_backend", "auto"))
+        self._capturable = state.pop("capturable", getattr(self, "_capturable", False))
         super().__setstate__(state)
         self._factorised_step = None
         self._layout()
 
     def __getstate__(self) -> dict[str, Any]:
+        self._settle_momentum()
         state = super().__getstate__()
         state["backend"] = self._backend
+        state["capturable"] = self._capturable
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (any device); factors stay fp32 whatever the model dtype.
 
         The parameters are set to round(m * w) of the loaded factors, so the model and the optimizer agree
-        whichever of the two is loaded first.
+        whichever of the two is loaded first. State of a DTensor parameter may come sharded (a DTensor, e.g.
+        from torch.distributed.checkpoint) or whole; each rank keeps its shard. A dense optimizer's state dict
+        (e.g. ``torch.optim.SGD``'s) is rejected: its momentum lives in x-space and has no counterpart for the
+        factors; load the model's weights instead and create the optimizer after, which factorises them.
         """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -532,15 +786,18 @@ class FusedPILoTSGD(Optimizer):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(f"loaded state dict's group {index} has {len(saved['params'])} parameters, the "
                                  f"optimizer's has {len(group['params'])}")
+        dense = not any("alpha" in saved for saved in saved_groups)
         id_map = {saved_id: p for group, saved in zip(self.param_groups, saved_groups)
                   for saved_id, p in zip(saved["params"], group["params"])}
         new_state: dict[Tensor, dict[str, Any]] = {}
         for saved_id, p in id_map.items():
-            new_state[p] = self._loaded_param_state(p, state_dict["state"].get(saved_id, {}), saved_id)
+            new_state[p] = self._loaded_param_state(p, state_dict["state"].get(saved_id, {}), saved_id, dense)
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
             new_group = {**self.defaults, **saved, "params": group["params"]}
             _check_group(new_group)
+            if self._capturable:
+                self._make_capturable(new_group, keep=set())
             new_groups.append(new_group)
         self.param_groups = new_groups
         self.state.clear()
@@ -548,17 +805,18 @@ class FusedPILoTSGD(Optimizer):
         with torch.no_grad():
             for p, state in new_state.items():
                 if "m" in state:
-                    p.copy_(state["m"] * state["w"])
+                    _local(p).copy_(state["m"] * state["w"])
         self._layout()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _loaded_param_state(self, p: Tensor, saved: dict[str, Any], saved_id: Any) -> dict[str, Any]:
+    def _loaded_param_state(self, p: Tensor, saved: dict[str, Any], saved_id: Any, dense: bool) -> dict[str, Any]:
         factorised = "m" in self.state[p]
         expected = FACTOR_KEYS if factorised else PLAIN_KEYS
         where = f"parameter {saved_id} (shape {tuple(p.shape)})"
         if factorised and ("m" not in saved or "w" not in saved):
-            hint = " (it looks like a dense torch.optim.SGD state)" if "momentum_buffer" in saved else ""
+            hint = (" (it looks like a dense torch.optim.SGD state dict: load the model's weights and create "
+                    "FusedPILoTSGD afterwards, which factorises them)") if dense else ""
             raise ValueError(f"state dict has no factors m, w for the factorised {where}{hint}")
         if not factorised and "m" in saved:
             raise ValueError(f"state dict has factors for {where}, which this optimizer does not factorise")
@@ -573,7 +831,8 @@ class FusedPILoTSGD(Optimizer):
             if not isinstance(value, Tensor) or tuple(value.shape) != tuple(p.shape):
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"state dict's {key} of {where} has shape {got}, expected {tuple(p.shape)}")
-            loaded[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+            loaded[key] = _local_shard_of(value.detach(), p).to(device=_local(p).device, dtype=torch.float32,
+                                                                 copy=True)
         return loaded
 
 

@@ -27,7 +27,7 @@ from . import pilot_sgd
 ARCHS = (80, 90)
 _POINTER_TYPES = {"tensor_table_ptr": "*i64", "hyper_ptr": "*fp32", "block_table_ptr": "*i32",
                   "factor_ptr": "*fp32", "momentum_ptr": "*fp32", "l1_ptr": "*fp32", "nnz_ptr": "*i64",
-                  "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+                  "started_ptr": "*i32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
 _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")

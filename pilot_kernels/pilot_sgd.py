@@ -12,7 +12,7 @@ Per element of a factorised tensor (``alpha`` is weight decay on the factors)::
 
     g   = -g if maximize else g          (g / grad_scale first when a scale is given)
     g_m = g * w + alpha * m ;  g_w = g * m + alpha * w
-    b   = g_ on the first momentum step, else momentum * b + (1 - dampening) * g_
+    b   = g_ on the block's first momentum step, else momentum * b + (1 - dampening) * g_
     g_  = g_ + momentum * b if nesterov else b            (for g_m and g_w)
     m  -= lr * g_m ;  w -= lr * g_w ;  x = m * w  (rounded to x's dtype on store)
 
@@ -21,7 +21,8 @@ The kernel knows nothing of optimizers: the caller describes the tensors in thre
 ``tensor_table`` (int64, one row of ``TABLE_COLUMNS`` per tensor, see the ``COL_*`` indices):
 addresses of x and its gradient (``data_ptr()``), numel, element offsets of m, w, b_m, b_w in
 the flat storages (multiples of ``SEGMENT_ALIGN``), ``FLAG_*`` bits, the row of the tensor's
-hyper-parameters in ``hyper_table``, and its first telemetry slot.
+hyper-parameters in ``hyper_table``, and its first slot (one slot per block in ``l1_slots``,
+``nnz_slots`` and ``momentum_started``).
 ``hyper_table`` (fp32, one row of ``HYPER_COLUMNS`` per parameter group): lr, alpha,
 weight_decay, momentum, 1 - dampening.
 ``block_table`` (int32, one (tensor row, block index) pair per program), from
@@ -32,6 +33,12 @@ whose x and grad are 16-byte aligned take a path without masks and with alignmen
 stream is moved with 128-bit loads and stores; tail blocks and unaligned tensors take the masked
 path. A program of a factorised tensor writes the block's sum of |x| and count of x != 0 to its
 telemetry slot (deterministic: no atomics); the caller sums the slots.
+
+Whether a block's momentum buffers already hold a value lives on the device, in its
+``momentum_started`` slot (int32, 0 = not yet), which the block's own program reads and sets (no
+race: one program per block). So a first step that GradScaler skips (``found_inf``) leaves the slot at
+0 and the next step still takes b = g, without the host ever reading ``found_inf``; and the tables
+stay the same from the first step on, which CUDA graph capture needs.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ BLOCK_SIZE = 1024  # elements per program: 8 per thread with 4 warps, i.e. two 1
 NUM_WARPS = 4
 SEGMENT_ALIGN = 32  # flat-storage segments start on 128-byte boundaries (fp32), for aligned vectors
 ADDRESS_ALIGN = 16  # bytes: x and grad addresses needed for the vectorised path
+_INT32_MAX = 2**31 - 1
 
 # tensor_table columns
 COL_X, COL_GRAD, COL_NUMEL, COL_M, COL_W, COL_BUF_M, COL_BUF_W, COL_FLAGS, COL_HYPER, COL_SLOT = range(10)
@@ -54,11 +62,10 @@ HYPER_LR, HYPER_ALPHA, HYPER_WEIGHT_DECAY, HYPER_MOMENTUM, HYPER_ONE_MINUS_DAMPE
 HYPER_COLUMNS = 5
 
 FLAG_FACTORISED = 1  # x = m * w; else plain SGD (b_m is its momentum buffer, m/w/b_w unused)
-FLAG_MOMENTUM = 2  # momentum != 0: read/write the buffers
-FLAG_FIRST_MOMENTUM_STEP = 4  # b = g (torch.optim.SGD's convention); the buffers are not read
-FLAG_NESTEROV = 8
-FLAG_MAXIMIZE = 16
-FLAG_ALIGNED = 32  # x and grad are ADDRESS_ALIGN-byte aligned: full blocks may use vector accesses
+FLAG_MOMENTUM = 2  # momentum != 0: read/write the buffers (b = g where the block's momentum has not started)
+FLAG_NESTEROV = 4
+FLAG_MAXIMIZE = 8
+FLAG_ALIGNED = 16  # x and grad are ADDRESS_ALIGN-byte aligned: full blocks may use vector accesses
 
 # The same layout as compile-time constants: Triton kernels only read globals that are constexpr objects.
 _COL_X = tl.constexpr(COL_X)
@@ -80,7 +87,6 @@ _HYPER_ONE_MINUS_DAMPENING = tl.constexpr(HYPER_ONE_MINUS_DAMPENING)
 _HYPER_COLUMNS = tl.constexpr(HYPER_COLUMNS)
 _FLAG_FACTORISED = tl.constexpr(FLAG_FACTORISED)
 _FLAG_MOMENTUM = tl.constexpr(FLAG_MOMENTUM)
-_FLAG_FIRST_MOMENTUM_STEP = tl.constexpr(FLAG_FIRST_MOMENTUM_STEP)
 _FLAG_NESTEROV = tl.constexpr(FLAG_NESTEROV)
 _FLAG_MAXIMIZE = tl.constexpr(FLAG_MAXIMIZE)
 _FLAG_ALIGNED = tl.constexpr(FLAG_ALIGNED)
@@ -119,8 +125,8 @@ def _momentum_direction(d, buf_ptr, offs, mask, momentum, one_minus_dampening, f
 
 
 @triton.jit
-def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, grad_scale_ptr, start, numel, flags,
-                X_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start, numel,
+                flags, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 elements
     mask = offs < numel
     # The addresses are loaded here, not in the caller, so that the alignment hints of the unmasked
@@ -136,8 +142,9 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, grad_
     momentum = tl.load(hyper + _HYPER_MOMENTUM)
     one_minus_dampening = tl.load(hyper + _HYPER_ONE_MINUS_DAMPENING)
     has_momentum = (flags & _FLAG_MOMENTUM) != 0
-    first = (flags & _FLAG_FIRST_MOMENTUM_STEP) != 0
     nesterov = (flags & _FLAG_NESTEROV) != 0
+    slot = tl.load(row + _COL_SLOT) + start // BLOCK
+    first = has_momentum & (tl.load(started_ptr + slot) == 0)
 
     g = _load(grad_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
@@ -167,7 +174,6 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, grad_
         _store(x_ptr, offs, x, mask, MASKED)
         # Telemetry of the value the model holds; masked-off lanes loaded zeros, so their x is 0.
         stored = x.to(tl.float32)
-        slot = tl.load(row + _COL_SLOT) + start // BLOCK
         tl.store(l1_ptr + slot, tl.sum(tl.abs(stored), axis=0))
         tl.store(nnz_ptr + slot, tl.sum((stored != 0).to(tl.int64), axis=0))
     else:
@@ -178,11 +184,13 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, grad_
             buf_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_M), _SEGMENT_ALIGN)
             d = _momentum_direction(d, buf_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov, MASKED)
         _store(x_ptr, offs, (x_old - lr * d).to(X_DTYPE), mask, MASKED)
+    if first:
+        tl.store(started_ptr + slot, 1)
 
 
 @triton.jit
 def pilot_sgd_kernel(tensor_table_ptr, hyper_ptr, block_table_ptr, factor_ptr, momentum_ptr, l1_ptr, nnz_ptr,
-                     grad_scale_ptr, found_inf_ptr, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                     started_ptr, grad_scale_ptr, found_inf_ptr, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                      HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     skip = False
     if HAS_FOUND_INF:
@@ -194,16 +202,22 @@ def pilot_sgd_kernel(tensor_table_ptr, hyper_ptr, block_table_ptr, factor_ptr, m
         numel = tl.load(row + _COL_NUMEL)
         flags = tl.load(row + _COL_FLAGS)
         if (start + BLOCK <= numel) & ((flags & _FLAG_ALIGNED) != 0):
-            _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, grad_scale_ptr, start, numel, flags,
-                        X_DTYPE, BLOCK, HAS_GRAD_SCALE, MASKED=False)
+            _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start,
+                        numel, flags, X_DTYPE, BLOCK, HAS_GRAD_SCALE, MASKED=False)
         else:
-            _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, grad_scale_ptr, start, numel, flags,
-                        X_DTYPE, BLOCK, HAS_GRAD_SCALE, MASKED=True)
+            _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start,
+                        numel, flags, X_DTYPE, BLOCK, HAS_GRAD_SCALE, MASKED=True)
 
 
 def build_block_table(numels: Sequence[int], device: torch.device, block: int = BLOCK_SIZE) -> torch.Tensor:
-    """(tensor row, block index) int32 pairs covering tensors of the given sizes, one per program."""
+    """(tensor row, block index) int32 pairs covering tensors of the given sizes, one per program.
+
+    Block indices are int32 (the kernel widens them to int64 before multiplying by ``block``), so a tensor
+    may have up to 2**31 - 1 blocks, i.e. about 2**41 elements with the default block.
+    """
     counts = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
+    if counts.numel() and int(counts.sum()) > _INT32_MAX:
+        raise ValueError(f"{int(counts.sum())} blocks do not fit the int32 block table (at most {_INT32_MAX})")
     rows = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     first_block = torch.cumsum(counts, 0) - counts
     blocks = torch.arange(rows.numel(), dtype=torch.int64) - torch.repeat_interleave(first_block, counts)
@@ -211,19 +225,20 @@ def build_block_table(numels: Sequence[int], device: torch.device, block: int = 
 
 
 def telemetry_slots(numel: int, block: int = BLOCK_SIZE) -> int:
-    """Number of telemetry slots (blocks) a factorised tensor of this size uses."""
+    """Number of slots (blocks) a tensor of this size uses in ``l1_slots``, ``nnz_slots``, ``momentum_started``."""
     return triton.cdiv(numel, block)
 
 
 def launch_pilot_sgd(tensor_table: torch.Tensor, hyper_table: torch.Tensor, block_table: torch.Tensor,
                      factors: torch.Tensor, momentum: torch.Tensor, l1_slots: torch.Tensor,
-                     nnz_slots: torch.Tensor, x_dtype: torch.dtype, *, grad_scale: Optional[torch.Tensor] = None,
-                     found_inf: Optional[torch.Tensor] = None) -> None:
+                     nnz_slots: torch.Tensor, momentum_started: torch.Tensor, x_dtype: torch.dtype, *,
+                     grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
     """One launch of the fused step over every tensor in ``tensor_table`` (see the module docstring).
 
     ``factors`` and ``momentum`` are the flat fp32 storages the offsets point into (``momentum`` may be any
     fp32 tensor when no row has FLAG_MOMENTUM); ``l1_slots`` (fp32) and ``nnz_slots`` (int64) receive the
-    telemetry of factorised tensors. ``grad_scale`` (the gradients are divided by it) and ``found_inf``
+    telemetry of factorised tensors; ``momentum_started`` (int32, read and set by blocks with momentum) says
+    which blocks' buffers hold a value. All three have one slot per block. ``grad_scale`` (the gradients are divided by it) and ``found_inf``
     (non-zero: skip the step) are one-element fp32 tensors on the same device, as torch.amp.GradScaler
     hands them to fused optimizers.
     """
@@ -238,11 +253,13 @@ def launch_pilot_sgd(tensor_table: torch.Tensor, hyper_table: torch.Tensor, bloc
     for name, storage in (("factors", factors), ("momentum", momentum)):
         if storage.dtype != torch.float32 or not storage.is_contiguous():
             raise ValueError(f"{name} must be a contiguous float32 tensor")
+    if momentum_started.dtype != torch.int32 or not momentum_started.is_contiguous():
+        raise ValueError("momentum_started must be a contiguous int32 tensor")
     if block_table.shape[0] == 0:
         return
     dummy = factors  # unused pointer argument when the matching constexpr flag is off
     pilot_sgd_kernel[(block_table.shape[0],)](
-        tensor_table, hyper_table, block_table, factors, momentum, l1_slots, nnz_slots,
+        tensor_table, hyper_table, block_table, factors, momentum, l1_slots, nnz_slots, momentum_started,
         grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
         X_DTYPE=TORCH_TO_TRITON_DTYPE[x_dtype], BLOCK=BLOCK_SIZE,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, num_warps=NUM_WARPS)
