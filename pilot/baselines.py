@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .optim import FusedPILoTSGD
+from .optim import FusedPILoTSGD, _check_number
 
 __all__ = ["spred_optimizer", "ProxSGD", "soft_threshold", "lasso_param_groups", "SoftThreshold", "to_str_model",
            "str_param_groups", "remove_str_", "STR_MODULES"]
@@ -46,11 +46,6 @@ def soft_threshold(x: Tensor, threshold: float) -> Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - threshold, min=0)
 
 
-def _check_l1(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid l1 value: {value!r} (need a finite number >= 0)")
-
-
 class ProxSGD(torch.optim.SGD):
     r"""Proximal SGD for :math:`f(x) + \lambda\lVert x\rVert_1` (LASSO): ``torch.optim.SGD``'s step, then
 
@@ -64,7 +59,7 @@ class ProxSGD(torch.optim.SGD):
     def __init__(self, params: Params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *, l1: float = 0.0,
                  **sgd_options: Any) -> None:
-        _check_l1(l1)
+        _check_number("l1", l1)
         self._default_l1 = l1  # read by add_param_group while SGD.__init__ runs, before defaults has "l1"
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, **sgd_options)
@@ -72,10 +67,11 @@ class ProxSGD(torch.optim.SGD):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault("l1", self._default_l1)
-        _check_l1(param_group["l1"])
+        _check_number("l1", param_group["l1"])
         super().add_param_group(param_group)
 
-    def step(self, closure: Any = None) -> Any:  # noqa: D102 (torch.optim.SGD.step, then the proximal map)
+    def step(self, closure: Any = None) -> Any:
+        """``torch.optim.SGD.step``, then soft-thresholding of the groups with ``l1 > 0``."""
         loss = super().step(closure)
         with torch.no_grad():
             for group in self.param_groups:

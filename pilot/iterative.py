@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .pruning import SCOPES, apply_masks_, prunable_parameters, prune_
+from .schedule import set_group_value
 
 __all__ = ["IterativePruning", "PruningCycle", "REWIND_MODES"]
 
@@ -95,7 +96,8 @@ class IterativePruning:
                 optimizer = self._new_optimizer()
             else:
                 for group, saved in zip(optimizer.param_groups, hyperparameters):
-                    group.update(saved)
+                    for key, value in saved.items():
+                        set_group_value(group, key, value)
         return history
 
     def _new_optimizer(self) -> Optimizer:
@@ -106,8 +108,8 @@ class IterativePruning:
         return optimizer
 
     @staticmethod
-    def _hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
-        return [{key: group[key] for key in _REWOUND_HYPERPARAMETERS if key in group}
+    def _hyperparameters(optimizer: Optimizer) -> list[dict[str, float]]:
+        return [{key: float(group[key]) for key in _REWOUND_HYPERPARAMETERS if key in group}
                 for group in optimizer.param_groups]
 
     def _record_masks(self, optimizer: Optimizer) -> None:

@@ -24,8 +24,8 @@ from torch.optim import Optimizer
 
 from .optim import FusedPILoTSGD
 
-__all__ = ["prune_", "apply_masks_", "prunable_parameters", "pruning_masks", "keep_mask", "sparsity_report", "SparsityReport",
-           "LayerSparsity", "export_masks", "export_sparse", "to_torch_prune", "SCOPES"]
+__all__ = ["prune_", "apply_masks_", "prunable_parameters", "pruning_masks", "keep_mask", "sparsity_report",
+           "SparsityReport", "LayerSparsity", "export_masks", "export_sparse", "to_torch_prune", "SCOPES"]
 
 SCOPES = ("global", "layer")
 Select = Callable[[str, Tensor], bool]

@@ -21,10 +21,13 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from torch import Tensor
 from torch.optim import Optimizer
 
+from .optim import _check_number
+
 __all__ = ["PILoTSchedule", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha",
-           "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups"]
+           "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups", "set_group_value"]
 
 
 def factorised_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
@@ -37,12 +40,12 @@ def factorised_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
     return groups
 
 
-def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        need = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"Invalid {name} value: {value!r} (need a finite number {need})")
-    return float(value)
+def set_group_value(group: dict[str, Any], key: str, value: float) -> None:
+    """``group[key] = value``, in place if it is a tensor (capturable optimizers read it from the device)."""
+    if isinstance(group[key], Tensor):
+        group[key].fill_(value)
+    else:
+        group[key] = value
 
 
 class AlphaScheduler:
@@ -64,7 +67,7 @@ class AlphaScheduler:
 
     def _set_alphas(self, alphas: list[float]) -> None:
         for group, alpha in zip(factorised_groups(self.optimizer), alphas):
-            group["alpha"] = alpha
+            set_group_value(group, "alpha", alpha)
         self.last_alpha = list(alphas)
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,11 +106,8 @@ class PILoTSchedule(AlphaScheduler):
 
     def __init__(self, optimizer: Optimizer, *, factor: float, l1_threshold: float, total: int,
                  relative_threshold: bool = False) -> None:
-        self.factor = _check_positive("factor", factor)
-        if self.factor < 1:
-            raise ValueError(f"Invalid factor value: {factor!r} (need a number >= 1; alpha is multiplied or "
-                             "divided by it)")
-        threshold = _check_positive("l1_threshold", l1_threshold, allow_zero=True)
+        _check_number("factor", factor, minimum=1.0)  # alpha is multiplied or divided by it
+        _check_number("l1_threshold", l1_threshold)
         if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
             raise ValueError(f"Invalid total value: {total!r} (need an int > 0, the number of step() calls)")
         if not isinstance(relative_threshold, bool):
@@ -116,8 +116,8 @@ class PILoTSchedule(AlphaScheduler):
             raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} has no l1_norm(); PILoTSchedule needs "
                             "pilot.FusedPILoTSGD")
         super().__init__(optimizer)
-        self.total = total
-        self.threshold = threshold * optimizer.l1_norm() if relative_threshold else threshold
+        self.factor, self.total = float(factor), total
+        self.threshold = float(l1_threshold) * (optimizer.l1_norm() if relative_threshold else 1.0)
         self.k = 0
         self.previous_accuracy = 0.0
 
@@ -180,9 +180,10 @@ class GeometricAlpha(_FixedAlpha):
     r""":math:`\alpha_k = \alpha_0 \cdot r^k` (the paper uses r = 0.95), with ``rate`` r in (0, 1]."""
 
     def __init__(self, optimizer: Optimizer, rate: float = 0.95) -> None:
-        self.rate = _check_positive("rate", rate)
-        if self.rate > 1:
+        _check_number("rate", rate)
+        if not 0 < rate <= 1:
             raise ValueError(f"Invalid rate value: {rate!r} (need 0 < rate <= 1)")
+        self.rate = float(rate)
         super().__init__(optimizer)
 
     def multiplier(self, k: int) -> float:

@@ -99,7 +99,7 @@ def test_learning_rate_rewinding_with_fused_pilot() -> None:
 
     history = driver.run(train_fn, cycles=2)
     assert len(optimizers) == 1
-    for name, keep in driver.masks.items():  # layer scope: every tensor at round(0.36 * n) zeros
+    for keep in driver.masks.values():  # layer scope: every tensor at round(0.36 * n) zeros
         assert int((~keep).sum()) == round((1 - 0.8 ** 2) * keep.numel())
     assert history[-1].sparsity > 0.3
 

@@ -140,3 +140,12 @@ def test_bad_arguments_elsewhere() -> None:
     with pytest.raises(TypeError, match="l1_norm"):
         PILoTSchedule(torch.optim.SGD([{"params": [nn.Parameter(torch.ones(2, 2))], "alpha": 0.1}], lr=0.1),
                       factor=2.0, l1_threshold=0.0, total=4)
+
+
+def test_tensor_alpha_is_updated_in_place() -> None:
+    layer = nn.Linear(3, 3)
+    alpha = torch.tensor(0.04)
+    optimizer = FusedPILoTSGD([{"params": [layer.weight], "alpha": alpha}], lr=0.1, backend="eager")
+    schedule = HarmonicAlpha(optimizer)
+    schedule.step()
+    assert optimizer.param_groups[0]["alpha"] is alpha and alpha.item() == pytest.approx(0.02)
