@@ -148,6 +148,8 @@ def prune_(target: Target, sparsity: float, *, scope: str = "global") -> int:
     - any other optimizer (dense SGD, :class:`pilot.ProxSGD`, SGD on an STR model): its parameters with
       ``ndim >= 2``; a step post-hook keeps the pruned entries and their momentum at 0 after every step.
     - an ``nn.Module`` (one-shot pruning of a trained dense model, no optimizer): its parameters with ``ndim >= 2``.
+      While a FusedPILoTSGD trains the model, prune the optimizer instead: a zero written into the model alone is
+      re-factorised at the next step as (sqrt(beta), 0), from where it grows back.
 
     ``scope="global"``: one magnitude threshold over all of them (n = their total size); ``scope="layer"``: each
     tensor pruned to the fraction on its own (n = its size, so the total is the sum of per-tensor roundings).
