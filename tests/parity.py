@@ -83,8 +83,25 @@ class Pair:
 def _assert_same_buffer(ours: Optional[Tensor], theirs: Optional[Tensor], what: str, rtol: float,
                         atol: float) -> None:
     assert (ours is None) == (theirs is None), f"{what}: {ours is None=} but reference {theirs is None=}"
-    if ours is not None:
-        torch.testing.assert_close(ours, theirs.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    if ours is not None:  # ours are fp32; torch.optim.SGD keeps a bf16/fp16 parameter's buffer in its dtype
+        torch.testing.assert_close(ours, theirs.detach(), rtol=rtol, atol=atol, check_dtype=False,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def assert_rounded_product(optimizer: FusedPILoTSGD, interpreted: bool) -> None:
+    """Every factorised parameter holds round(m * w) in its dtype: exactly, or within one bf16 ulp of it when
+    the Triton interpreter wrote it (it truncates fp32 -> bf16 instead of rounding)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if "m" not in state:
+                continue
+            rounded = (state["m"] * state["w"]).to(p.dtype)
+            if interpreted and p.dtype == torch.bfloat16:
+                error = (p.detach().float() - rounded.float()).abs()
+                assert (error <= rounded.float().abs() * 2 ** -7).all()
+            else:
+                assert torch.equal(p.detach(), rounded)
 
 
 def build_pair(model: nn.Module, specs: list[GroupSpec], *, backend: str, beta: float = 1.0,
