@@ -65,3 +65,73 @@ def test_state_dict_loads_across_cpu_and_cuda() -> None:
     back.load_state_dict(cuda_optimizer.state_dict())
     for p, q in zip(model.parameters(), back.param_groups[0]["params"]):
         assert torch.equal(p, q)
+
+
+class CpuThenCuda(nn.Module):
+    """One model, one parameter group, two devices: a bucket (and a path) per device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 5)
+        self.second = nn.Linear(5, 3).cuda()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(z)).cuda())
+
+
+@in_subprocess
+def test_one_group_across_cpu_and_cuda() -> None:
+    pair = build_pair(CpuThenCuda(), [(None, dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3))],
+                      backend="auto")
+    assert {(bucket.device.type, bucket.path) for bucket in pair.fused._buckets} == {("cpu", "compile"),
+                                                                                      ("cuda", "triton")}
+    z, target = torch.randn(9, 6), torch.randn(9, 3).cuda()
+    for _ in range(10):
+        pair.step(lambda model: (model(z) - target).square().mean())
+    pair.assert_close()
+
+
+@in_subprocess
+def test_cuda_graph_capture_and_replay() -> None:
+    """capturable=True: forward, backward and step captured in one CUDA graph; replays equal eager steps, and
+    lr / alpha edited in place between replays reach the captured step."""
+    options = dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3, capturable=True)
+    model = SmallCNN().cuda()
+    eager_model = copy.deepcopy(model)
+    optimizer = FusedPILoTSGD(model.parameters(), **options)
+    eager = FusedPILoTSGD(eager_model.parameters(), **options)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 6, 6, generator=generator).cuda(),
+                torch.randint(0, 7, (8,), generator=generator).cuda()) for _ in range(8)]
+    static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
+
+    def train_step(m: nn.Module, o: FusedPILoTSGD, x: torch.Tensor, y: torch.Tensor) -> None:
+        o.zero_grad(set_to_none=False)  # gradients stay at their addresses, which the kernel table holds
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph's documentation does
+        for x, y in batches[:3]:
+            train_step(model, optimizer, x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in batches[:3]:
+        train_step(eager_model, eager, x, y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(model, optimizer, static_x, static_y)
+    for step, (x, y) in enumerate(batches[3:]):
+        for o in (optimizer, eager):
+            o.param_groups[0]["lr"].fill_(0.05 * 0.8 ** step)
+            o.param_groups[0]["alpha"].fill_(1e-2 * 1.2 ** step)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        train_step(eager_model, eager, x, y)
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key, value in optimizer.state[p].items():
+            torch.testing.assert_close(value, eager.state[q][key], rtol=1e-5, atol=1e-6)
+    assert optimizer.l1_norm() == pytest.approx(eager.l1_norm(), rel=1e-5)
