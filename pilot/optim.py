@@ -820,6 +820,8 @@ class FusedPILoTSGD(Optimizer):
             raise ValueError(f"state dict has no factors m, w for the factorised {where}{hint}")
         if not factorised and "m" in saved:
             raise ValueError(f"state dict has factors for {where}, which this optimizer does not factorise")
+        if factorised and (saved.get("momentum_buffer_m") is None) != (saved.get("momentum_buffer_w") is None):
+            raise ValueError(f"state dict has only one of the momentum buffers of {where}")
         loaded: dict[str, Any] = {}
         for key in expected:
             value = saved.get(key)

@@ -56,7 +56,9 @@ class Pair:
                 else:
                     group[key] = value
 
-    def assert_close(self, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    def assert_close(self, rtol: float = 1e-5, atol: float = 1e-6, equal_nan: bool = False) -> None:
+        """Parameters, factors and buffers equal the reference's (``equal_nan``: NaNs in the same places)."""
+        close = dict(rtol=rtol, atol=atol, equal_nan=equal_nan)
         pairs = factor_pairs(self.ref_model)
         optimized = {id(p) for group in self.fused.param_groups for p in group["params"]}
         for name in self.names:
@@ -65,27 +67,25 @@ class Pair:
                 continue
             state = self.fused.state[p]
             ref_weight = operator.attrgetter(name)(self.ref_model).detach()
-            torch.testing.assert_close(p.detach(), ref_weight, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p.detach(), ref_weight, **close, msg=lambda m: f"{name}: {m}")
             if name in self.factorised:
                 m, w = pairs[name]
                 for key, ref_tensor in (("m", m), ("w", w)):
-                    torch.testing.assert_close(state[key], ref_tensor.detach(), rtol=rtol, atol=atol,
+                    torch.testing.assert_close(state[key], ref_tensor.detach(), **close,
                                                msg=lambda msg: f"{name}.{key}: {msg}")
                 for key, ref_param in (("momentum_buffer_m", m), ("momentum_buffer_w", w)):
                     ref_buffer = self.ref.state.get(ref_param, {}).get("momentum_buffer")
-                    _assert_same_buffer(state[key], ref_buffer, f"{name}.{key}", rtol, atol)
+                    _assert_same_buffer(state[key], ref_buffer, f"{name}.{key}", close)
             else:
                 ref_param = self.ref_model.get_parameter(name)
                 ref_buffer = self.ref.state.get(ref_param, {}).get("momentum_buffer")
-                _assert_same_buffer(state["momentum_buffer"], ref_buffer, f"{name}.momentum_buffer", rtol, atol)
+                _assert_same_buffer(state["momentum_buffer"], ref_buffer, f"{name}.momentum_buffer", close)
 
 
-def _assert_same_buffer(ours: Optional[Tensor], theirs: Optional[Tensor], what: str, rtol: float,
-                        atol: float) -> None:
+def _assert_same_buffer(ours: Optional[Tensor], theirs: Optional[Tensor], what: str, close: dict[str, Any]) -> None:
     assert (ours is None) == (theirs is None), f"{what}: {ours is None=} but reference {theirs is None=}"
     if ours is not None:  # ours are fp32; torch.optim.SGD keeps a bf16/fp16 parameter's buffer in its dtype
-        torch.testing.assert_close(ours, theirs.detach(), rtol=rtol, atol=atol, check_dtype=False,
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(ours, theirs.detach(), **close, check_dtype=False, msg=lambda m: f"{what}: {m}")
 
 
 def assert_rounded_product(optimizer: FusedPILoTSGD, interpreted: bool) -> None:

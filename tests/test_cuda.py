@@ -135,3 +135,12 @@ def test_cuda_graph_capture_and_replay() -> None:
         for key, value in optimizer.state[p].items():
             torch.testing.assert_close(value, eager.state[q][key], rtol=1e-5, atol=1e-6)
     assert optimizer.l1_norm() == pytest.approx(eager.l1_norm(), rel=1e-5)
+
+
+@in_subprocess
+def test_model_moved_after_the_optimizer_is_a_clear_error() -> None:
+    model = SmallCNN()
+    optimizer = FusedPILoTSGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.cuda()  # param.data = param.data.cuda(): the optimizer's state stays on the CPU
+    with pytest.raises(ValueError, match="changed device, dtype or shape"):
+        optimizer.step()
