@@ -1,0 +1,274 @@
+"""What ``python -m bench`` hands back: the machine, the stdout tables, results.json, the targets and a chart."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+import triton
+
+import pilot
+
+from .contenders import BASELINE, CONTENDERS, REFERENCES
+from .timing import Stats
+
+REPO = Path(__file__).resolve().parent.parent
+TIME_RATIO = "ratio_to_" + BASELINE
+MEMORY_RATIO = "memory_ratio_to_" + BASELINE
+
+
+# ------------------------------------------------------------------------------------------------ the machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_label(device: torch.device) -> str:
+    """Which device a figure comes from, e.g. "cpu: AMD EPYC, 2 threads"."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"device": device.type, "device_name": device_label(device), "cpu": cpu_model(),
+            "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton.__version__, "pilot": pilot.__version__, "git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average_at_start": list(os.getloadavg())}
+
+
+# ------------------------------------------------------------------------------------------------ targets
+
+
+def _target(name: str, subject: str, measured: float, unit: str, met: bool) -> dict[str, Any]:
+    return {"target": name, "subject": subject, "measured": measured, "unit": unit, "met": met}
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, against what this run measured (a target nothing measured is left out)."""
+    targets = []
+    for entry in results.get("traffic", []):
+        kernel = entry.get("pilot_kernel")
+        if kernel is None:
+            continue
+        model = entry["model"]
+        per_element = kernel["factorised_bytes_per_element"].median
+        targets.append(_target("fused step moves 40 B per fp32 factorised element", model, per_element, "B",
+                               per_element == 40))
+        for reference in REFERENCES:
+            ratio = entry["contenders"][reference]["ratio_to_pilot"].median
+            targets.append(_target("eager reference moves >= 2.5x the fused step's bytes", f"{model}, {reference}",
+                                   ratio, "x", ratio >= 2.5))
+        fused = entry["contenders"]["pilot"]
+        launches, outside_ops = fused["launches"].median, fused["ops"].median
+        targets.append(_target("fused step: 1 launch per (device, dtype), no other op", model, launches, "launches",
+                               launches == 1 and outside_ops == 0))
+    if results["environment"]["device"] == "cpu":
+        for entry in results.get("optimizer_step", []):
+            model, pilot_record = entry["model"], entry["contenders"]["pilot"]
+            ratio = pilot_record[TIME_RATIO].median
+            targets.append(_target("CPU: fused step <= 2.5x dense fused SGD's step time", model, ratio, "x",
+                                   ratio <= 2.5))
+            for reference in REFERENCES:
+                ratio = pilot_record["ratio_to_" + reference].median
+                targets.append(_target("CPU: fused step <= 0.5x the eager reference's step time",
+                                       f"{model}, {reference}", ratio, "x", ratio <= 0.5))
+        for entry in results.get("training_step", []):
+            if entry["model"] == "resnet20" and entry["batch_size"] == 128:
+                ratio = entry["contenders"]["pilot"][TIME_RATIO].median
+                targets.append(_target("CPU: ResNet-20 training step at batch 128 within 3% of dense",
+                                       "resnet20, vs dense-fused", ratio, "x", ratio <= 1.03))
+    for entry in results.get("training_step", []):
+        pilot_peak = entry["contenders"]["pilot"]["peak_memory"].median
+        for reference in REFERENCES:
+            reference_peak = entry["contenders"][reference]["peak_memory"].median
+            targets.append(_target("peak memory of the fused step's training below the eager reference's",
+                                   f"{entry['model']}, {reference}", pilot_peak / reference_peak, "x",
+                                   pilot_peak < reference_peak))
+    return targets
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _range(stats: Stats, digits: int) -> str:
+    return f"{stats.median:.{digits}f} [{stats.min:.{digits}f}, {stats.max:.{digits}f}]"
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+def _time_digits(stats: Stats) -> int:
+    return 3 if stats.median < 10 else 1
+
+
+def _rows(models: Iterable[dict[str, Any]], head: str, cells) -> list[str]:  # noqa: ANN001 - a row formatter
+    lines = [head, "-" * len(head)]
+    for entry in models:
+        label = entry["model"]
+        for name in CONTENDERS:
+            record = entry["contenders"].get(name)
+            if record is not None:
+                lines.append(f"{label:<10} {name:<18} {cells(record)}")
+                label = ""
+    return lines
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    settings = results["settings"]
+    cuda = env["device"] == "cuda"
+    commit = (env["git_commit"] or "unknown")[:12] + (" (dirty)" if env["git_dirty"] else "")
+    lines = [f"pilot bench on {env['device_name']}",
+             f"torch {env['torch']}, triton {env['triton']}, commit {commit}; load average "
+             f"{env['load_average_at_start'][0]:.2f} at start, {env['load_average_at_end'][0]:.2f} at end",
+             (f"SGD lr {settings['lr']}, momentum {settings['momentum']}, weight decay {settings['weight_decay']}; "
+              f"PILoT alpha {settings['alpha']}, beta {settings['beta']}. Times: median [min, max] of "
+              f"{settings['repeats']} interleaved samples; x = paired ratio to {BASELINE} (median [min, max])."), ""]
+    host = "  host ms (median)" if cuda else ""
+
+    if "optimizer_step" in results:
+        lines.append(f"1. Optimizer step alone ({env['device_name']})")
+        head = f"{'model':<10} {'contender':<18} {'ms':<26} {'x ' + BASELINE:<22} {'first step':>10}{host}"
+
+        def step_cells(r: dict[str, Any]) -> str:
+            cells = (f"{_range(r['time'], _time_digits(r['time'])):<26} {_range(r[TIME_RATIO], 2):<22} "
+                     f"{_seconds(r['first_call'].median):>10}")
+            return cells + (f"  {r['host_time'].median:.3f}" if cuda else "")
+
+        lines += _rows(results["optimizer_step"], head, step_cells)
+        lines.append("first step: the first call's wall time (momentum buffers; for pilot on CPU torch.compile, "
+                     "faster when inductor's on-disk cache is warm)")
+        lines.append("")
+
+    if "training_step" in results:
+        lines.append(f"2. Training step: zero_grad, forward, backward, step ({env['device_name']})")
+        lines.append("   " + ", ".join(f"{e['model']} batch {e['batch_size']} at {e['image_size']}x{e['image_size']}"
+                                       for e in results["training_step"]))
+        head = (f"{'model':<10} {'contender':<18} {'ms':<26} {'x ' + BASELINE:<22} {'peak MiB':>9} "
+                f"{'x ' + BASELINE:>15}{host}")
+
+        def train_cells(r: dict[str, Any]) -> str:
+            cells = (f"{_range(r['time'], 1):<26} {_range(r[TIME_RATIO], 3):<22} {r['peak_memory'].median:>9.1f} "
+                     f"{r[MEMORY_RATIO].median:>15.2f}")
+            return cells + (f"  {r['host_time'].median:.3f}" if cuda else "")
+
+        lines += _rows(results["training_step"], head, train_cells)
+        lines.append("peak MiB: allocator bytes held at the peak of one step beyond what existed before the "
+                     "contender was built (model, grads, optimizer state, activations)")
+        lines.append("")
+
+    if "traffic" in results:
+        lines.append("3. Memory traffic per optimizer step, counted (device-independent)")
+        head = (f"{'model':<10} {'contender':<18} {'MB':>8} {'B/param':>8} {'ops':>5} {'launches':>8} "
+                f"{'x ' + BASELINE:>16} {'A100 us*':>9} {'H100 us*':>9}")
+
+        def traffic_cells(r: dict[str, Any]) -> str:
+            return (f"{r['bytes'].median / 1e6:>8.2f} {r['bytes_per_parameter'].median:>8.2f} {r['ops'].median:>5.0f} "
+                    f"{r['launches'].median:>8.0f} {r[TIME_RATIO].median:>16.2f} "
+                    f"{r['model_time_A100'].median:>9.1f} {r['model_time_H100'].median:>9.1f}")
+
+        lines += _rows(results["traffic"], head, traffic_cells)
+        for entry in results["traffic"]:
+            kernel = entry.get("pilot_kernel")
+            if kernel is None:
+                lines.append(f"{entry['model']}: pilot's kernel not counted (add it to --traffic-models)")
+                continue
+            lines.append(
+                f"{entry['model']}: pilot kernel {kernel['factorised_bytes_per_element'].median:.2f} B per factorised "
+                f"element (+{kernel['tables_and_telemetry_bytes_per_factorised_element'].median:.2f} tables and "
+                f"telemetry), {kernel['plain_bytes_per_element'].median:.2f} B per plain element; reference moves "
+                + ", ".join(f"{entry['contenders'][r]['ratio_to_pilot'].median:.2f}x ({r})" for r in REFERENCES))
+        lines.append("ops: aten ops (each >= 1 kernel launch on a GPU); pilot: Triton launches counted in the "
+                     "interpreter, ops = aten ops of its step outside the kernel")
+        lines.append("reference = its optimizer step + the product m*w in the forward + the products g*w, g*m in the "
+                     "backward")
+        lines.append("* a model, not a measurement: bytes / peak HBM bandwidth (A100 2.0 TB/s, H100 3.35 TB/s)")
+        lines.append("")
+
+    if "kernel" in results:
+        lines.append("4. Fused kernel compiled ahead of time (Triton -> PTX -> ptxas; no GPU needed)")
+        lines.append(f"{'arch':<8} {'x dtype':<9} {'regs':>4} {'spill B':>7}  global loads / stores (bits: count)")
+        for r in results["kernel"]:
+            lines.append(f"{r['arch']:<8} {r['x_dtype']:<9} {r['registers'].median:>4.0f} "
+                         f"{r['spill_bytes'].median:>7.0f}  ld {r['global_loads_by_bits']}  "
+                         f"st {r['global_stores_by_bits']}")
+        lines.append("")
+
+    if results.get("targets"):
+        lines.append("Targets (measured here; not tuned)")
+        for t in results["targets"]:
+            lines.append(f"  {'met   ' if t['met'] else 'MISSED'}  {t['target']}: {t['subject']}: "
+                         f"{t['measured']:.3f} {t['unit']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """results.json: every figure as {min, median, max, unit, samples}."""
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=lambda value: value.to_dict())
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Bars of time and peak memory relative to dense fused SGD, per model and contender; False if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(title, results[section], key) for title, section, key in (
+        ("optimizer step time", "optimizer_step", TIME_RATIO),
+        ("training step time", "training_step", TIME_RATIO),
+        ("training step peak memory", "training_step", MEMORY_RATIO)) if results.get(section)]
+    if not panels:
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    width = 0.8 / len(CONTENDERS)
+    for axis, (title, entries, key) in zip(axes[0], panels):
+        for index, name in enumerate(CONTENDERS):
+            stats = [entry["contenders"][name][key] for entry in entries]
+            positions = [m + (index - (len(CONTENDERS) - 1) / 2) * width for m in range(len(entries))]
+            errors = [[s.median - s.min for s in stats], [s.max - s.median for s in stats]]
+            axis.bar(positions, [s.median for s in stats], width, yerr=errors, capsize=2, label=name)
+        if title == "optimizer step time":
+            axis.set_yscale("log")  # the step alone spans 1x to tens of x
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xticks(range(len(entries)), [entry["model"] for entry in entries])
+        axis.set_title(f"{title} / {BASELINE}")
+        axis.set_ylabel("ratio (median; bars: min-max of paired ratios)" if "time" in title else "ratio")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"pilot bench: {results['environment']['device_name']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
