@@ -1,0 +1,139 @@
+"""PNG plots of a training run: the curves per epoch and the one-shot pruning curve.
+
+``python -m pilot.plots OUT.png RUN_DIR [RUN_DIR ...]`` draws the one-shot curves of several runs together.
+
+Uses matplotlib's non-interactive Agg backend, so plotting works on headless machines and never opens a window.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after choosing the backend
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+__all__ = ["plot_training_curves", "plot_one_shot"]
+
+# Sparsity ticks of the one-shot plot (those inside the plotted range are shown).
+_SPARSITY_TICKS = (0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    path = Path(path)
+    # Written next to the target and renamed, so that a crash never leaves a truncated PNG behind.
+    temporary = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temporary, dpi=120, format="png")
+    plt.close(figure)
+    temporary.replace(path)
+
+
+def _series(history: Sequence[Mapping[str, object]], key: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of the records that hold a number under ``key``."""
+    points = [(int(row["epoch"]), float(row[key])) for row in history if isinstance(row.get(key), (int, float))]
+    return [epoch for epoch, _ in points], [value for _, value in points]
+
+
+def plot_training_curves(history: Sequence[Mapping[str, object]], path: Path, *, title: str = "") -> None:
+    """Loss, accuracy, density and alpha per epoch (one panel each) from the records of metrics.jsonl.
+
+    Panels whose metric is absent from every record (alpha of a dense run) say so instead of staying blank.
+    """
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    panels = (
+        (axes[0, 0], "loss", ("train_loss", "val_loss", "test_loss"), False, False),
+        (axes[0, 1], "accuracy", ("train_accuracy", "val_accuracy", "test_accuracy"), False, True),
+        (axes[1, 0], "density (non-zeros of prunable weights)", ("density",), False, True),
+        (axes[1, 1], "alpha", ("alpha",), True, False),
+    )
+    for axis, label, keys, log_scale, percent in panels:
+        plotted = False
+        for key in keys:
+            epochs, values = _series(history, key)
+            if not epochs:
+                continue
+            split = key.split("_")[0] if "_" in key else None
+            axis.plot(epochs, values, marker="o", markersize=3, label=split)
+            plotted = True
+        if not plotted:
+            axis.text(0.5, 0.5, f"no {label} recorded", ha="center", va="center", transform=axis.transAxes)
+        elif log_scale and all(value > 0 for key in keys for value in _series(history, key)[1]):
+            axis.set_yscale("log")
+        if plotted and len(keys) > 1:
+            axis.legend()
+        if percent:
+            axis.yaxis.set_major_formatter(PercentFormatter(1.0))
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # the x axis is shared
+    for axis in axes[1]:
+        axis.set_xlabel("epoch")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_one_shot(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path, *, split: str = "test",
+                  dense_accuracy: Optional[float] = None, title: str = "") -> None:
+    """Accuracy after one-shot pruning against sparsity, one line per entry of ``curves`` ({label: rows}).
+
+    Rows are those of :func:`pilot.evaluate.one_shot_curve`. The x axis is -log10(1 - sparsity), so that
+    90%, 99% and 99.9% are evenly spaced, labelled with the sparsity in percent.
+    """
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    plotted: list[float] = []
+    for label, rows in curves.items():
+        xs = [row["sparsity"] for row in rows]
+        ys = [100.0 * row[f"{split}_accuracy"] for row in rows]
+        axis.plot([_sparsity_axis(x) for x in xs], ys, marker="o", markersize=4, label=label)
+        plotted += xs
+    if dense_accuracy is not None:
+        axis.axhline(100.0 * dense_accuracy, color="grey", linestyle="--", linewidth=1, label="unpruned")
+    if plotted:
+        shown = [t for t in _SPARSITY_TICKS if min(plotted) - 1e-3 <= t <= max(plotted) + 1e-3]
+        axis.set_xticks([_sparsity_axis(t) for t in shown], [f"{100 * t:g}" for t in shown])
+    axis.set_xlabel("sparsity (%)")
+    axis.set_ylabel(f"{split} accuracy after one-shot pruning (%)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def _sparsity_axis(sparsity: float) -> float:
+    return -math.log10(max(1.0 - sparsity, 1e-12))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pilot.plots OUT.png RUN_DIR [RUN_DIR ...]``: the one-shot curves of several runs in one plot."""
+    parser = argparse.ArgumentParser(prog="python -m pilot.plots",
+                                     description="Plot the one-shot pruning curves (one_shot.json) of several "
+                                                 "pilot.train runs together.")
+    parser.add_argument("output", type=Path, help="PNG file to write")
+    parser.add_argument("runs", type=Path, nargs="+", help="run directories of python -m pilot.train")
+    parser.add_argument("--split", default="test", help="which split's accuracy to plot (test or val)")
+    parser.add_argument("--title", default="", help="plot title")
+    args = parser.parse_args(argv)
+    curves = {}
+    for run in args.runs:
+        path = run / "one_shot.json"
+        if not path.is_file():
+            parser.error(f"{path} does not exist (is {run} a finished pilot.train run?)")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if f"{args.split}_accuracy" not in data["levels"][0]:
+            parser.error(f"{path} has no {args.split} accuracy (runs without --val-fraction only have test)")
+        curves[f"{data['method']} ({run.name})"] = data["levels"]
+    plot_one_shot(curves, args.output, split=args.split, title=args.title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,4 @@
+"""Entry point of ``python -m pilot.train``."""
+from .cli import main
+
+raise SystemExit(main())

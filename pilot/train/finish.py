@@ -1,0 +1,128 @@
+"""The end of a run: one-shot pruning to the target sparsities, the one-shot curve, exports, plots and summary."""
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import pilot
+from pilot.baselines import remove_str_
+from pilot.evaluate import one_shot_curve, one_shot_levels
+from pilot.plots import plot_one_shot, plot_training_curves
+from pilot.pruning import export_sparse, sparsity_report
+
+from .config import Config
+from .loop import Data, Progress
+from .rundir import CURVES_PNG, ONE_SHOT_JSON, ONE_SHOT_PNG, SUMMARY, pruned_model_name, save_json, save_torch
+
+log = logging.getLogger("pilot.train")
+
+# The paper's one-shot levels 1 - 0.8^k: those iterative pruning with keep rate 0.8 visits.
+ONE_SHOT_KEEP_RATE = 0.8
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """A copy of the trained model as plain layers (STR's soft thresholds baked into exact zeros)."""
+    return remove_str_(copy.deepcopy(model))
+
+
+def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, started: float) -> dict[str, Any]:
+    """Prune, evaluate and export the trained ``model``; write one_shot.json/.png, curves.png and summary.json.
+
+    ``started`` is the ``time.perf_counter()`` at which this invocation began. Returns the summary.
+    """
+    out = Path(config.out)
+    device = torch.device(config.device)
+    began = time.perf_counter()
+    trained = plain_model(model)
+    targets = {round(s, 6) for s in config.sparsity}
+    pruned_results: dict[float, dict[str, Any]] = {}
+
+    def save_if_target(level: float, pruned: nn.Module) -> None:
+        if level not in targets:
+            return
+        state_dict, masks = export_sparse(pruned)
+        name = pruned_model_name(level)
+        save_torch({"state_dict": state_dict, "masks": masks, "model": config.model, "data": config.data,
+                    "num_classes": data.bundle.num_classes, "in_channels": data.bundle.in_channels,
+                    "input_size": data.bundle.image_size, "target_sparsity": level}, out / name)
+        report = sparsity_report(pruned)
+        pruned_results[level] = {"file": name, "layers": [
+            {"name": layer.name, "zeros": layer.zeros, "total": layer.total, "sparsity": layer.sparsity}
+            for layer in report.layers]}
+        if level == max(targets):
+            log.info("per-layer sparsity at %g%%:\n%s", 100 * level, report.table())
+
+    curve = one_shot_curve(trained, one_shot_levels(config.sparsity, ONE_SHOT_KEEP_RATE), data.eval, device=device,
+                           scope=config.prune_scope, autocast_dtype=torch.bfloat16 if config.bf16 else None,
+                           on_pruned=save_if_target)
+    final = progress.history[-1]
+    unpruned = {key: final[key] for key in final if key.endswith(("_loss", "_accuracy"))}
+    save_json({"method": config.method, "model": config.model, "data": config.data, "scope": config.prune_scope,
+               "unpruned": unpruned, "levels": curve}, out / ONE_SHOT_JSON)
+    title = f"{config.method} / {config.model} / {config.data}"
+    plot_one_shot({config.method: curve}, out / ONE_SHOT_PNG, dense_accuracy=final["test_accuracy"], title=title)
+    plot_training_curves(progress.history, out / CURVES_PNG, title=title)
+    pruned = [{**row, **pruned_results[row["target_sparsity"]]} for row in curve
+              if row["target_sparsity"] in pruned_results]
+    for row in pruned:
+        log.info("pruned to %.2f%% sparsity: %s", 100 * row["sparsity"], "  ".join(
+            f"{split} acc {row[f'{split}_accuracy']:.2%}" for split in data.eval))
+    summary = {
+        "config": config.to_json(),
+        "versions": versions(),
+        "device": device_info(device),
+        "epochs": final["epoch"],
+        "times": {"train_seconds": progress.train_seconds, "eval_seconds": progress.eval_seconds,
+                  "seconds_per_epoch": progress.train_seconds / len(progress.history),
+                  "finish_seconds": time.perf_counter() - began,
+                  "this_invocation_seconds": time.perf_counter() - started},
+        "final": {**unpruned, "density": final["density"]},
+        "pruned": pruned,
+        "one_shot": curve,
+    }
+    save_json(summary, out / SUMMARY)
+    log.info("done: %s", out)
+    return summary
+
+
+def versions() -> dict[str, Optional[str]]:
+    """Versions of Python and the packages a run depends on, and the git commit of pilot if it is a checkout."""
+    found: dict[str, Optional[str]] = {"python": platform.python_version(), "pilot": pilot.__version__}
+    for package in ("torch", "triton", "torchvision", "numpy"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    found["git_commit"] = _git_commit(Path(pilot.__file__).parent)
+    return found
+
+
+def _git_commit(directory: Path) -> Optional[str]:
+    """HEAD's hash, suffixed with "+dirty" when tracked files differ from it; None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        info["name"] = platform.processor() or platform.machine()
+    return info

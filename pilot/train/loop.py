@@ -1,0 +1,280 @@
+"""The training run: data, epochs with a progress bar, metrics per epoch, checkpoints and exact resume.
+
+Resuming is exact on the CPU: the checkpoint written after epoch e holds everything the next epoch reads (model,
+optimizer with PILoT's factors and momenta, LR and alpha schedules, the global torch RNG that drives the data
+augmentation, the train loader's shuffling generator), saved at the epoch boundary, so a run stopped after epoch e
+and resumed ends with bit-identical weights to one that never stopped.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from pilot.data import DatasetBundle, load_datasets, make_loaders
+from pilot.evaluate import autocast, evaluate
+from pilot.iterative import IterativePruning
+from pilot.pruning import sparsity_report
+
+from .config import Config
+from .methods import Method, make_method, make_optimizer
+from .rundir import CHECKPOINT, METRICS, RunError, append_jsonl, read_checkpoint, save_torch, write_jsonl
+
+log = logging.getLogger("pilot.train")
+
+CHECKPOINT_FORMAT = 1
+# Seed of the train/validation split: fixed, so that every run (and every seed) holds out the same examples.
+VALIDATION_SPLIT_SEED = 0
+# Progress-bar statistics are refreshed this many times per epoch (each refresh waits for the device).
+BAR_UPDATES_PER_EPOCH = 20
+
+
+class TrainingDiverged(RunError):
+    """The loss became nan or infinite."""
+
+
+@dataclass
+class Data:
+    bundle: DatasetBundle
+    train: DataLoader
+    eval: dict[str, DataLoader]  # "val" (with --val-fraction) and "test", evaluated after every epoch
+
+
+@dataclass
+class Progress:
+    """What the run has done so far; saved in the checkpoint."""
+
+    cycle: int = 0
+    epoch: int = 0  # epochs done in the cycle
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    initial_l1: Optional[float] = None
+
+
+def load_data(config: Config) -> Data:
+    """The loaders of ``config.data``; with ``val_fraction`` a fixed part of the train split becomes ``val``."""
+    try:
+        bundle = load_datasets(config.data, config.data_root, augment=config.augment, limit=config.limit)
+        unaugmented = None
+        if config.val_fraction:
+            unaugmented = load_datasets(config.data, config.data_root, augment=False, limit=config.limit) \
+                if config.augment else bundle
+    except (FileNotFoundError, ValueError) as error:
+        raise RunError(f"cannot load --data {config.data}: {error}") from error
+    held_out = None
+    if unaugmented is not None:
+        size = len(bundle.train)
+        held = round(config.val_fraction * size)
+        if not 0 < held < size:
+            raise RunError(f"--val-fraction {config.val_fraction} holds out {held} of {size} training examples; "
+                           "need at least one for each side")
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
+        # The validation examples come from the un-augmented copy: they are evaluated like the test split.
+        held_out = Subset(unaugmented.train, order[:held].sort().values.tolist())
+        bundle = dataclasses.replace(bundle, train=Subset(bundle.train, order[held:].sort().values.tolist()))
+    train_loader, test_loader = make_loaders(bundle, config.batch_size, num_workers=config.workers, seed=config.seed,
+                                             device=config.device)
+    eval_loaders = {"test": test_loader}
+    if held_out is not None:
+        eval_loaders = {"val": DataLoader(held_out, batch_size=test_loader.batch_size,
+                                          num_workers=test_loader.num_workers, pin_memory=test_loader.pin_memory,
+                                          persistent_workers=test_loader.persistent_workers), **eval_loaders}
+    return Data(bundle, train_loader, eval_loaders)
+
+
+# ---------------------------------------------------------------------------------------------- RNG state
+
+def _rng_state(loader: DataLoader) -> dict[str, Any]:
+    # Only torch's generators: the augmentation (torchvision v2) and the shuffling draw from them; nothing in a run
+    # uses Python's or numpy's global RNG (DataLoader workers derive theirs from the loader's generator).
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader": loader.generator.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any], loader: DataLoader) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    loader.generator.set_state(state["loader"])
+
+
+# ---------------------------------------------------------------------------------------------- epochs
+
+def density(model: nn.Module) -> float:
+    """Fraction of non-zero entries among the prunable weights."""
+    return 1.0 - sparsity_report(model).sparsity
+
+
+def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
+                    autocast_dtype: Optional[torch.dtype], bar: tqdm) -> tuple[float, float]:
+    """One pass over ``loader`` (one optimizer and LR-schedule step per batch); returns (mean loss, accuracy)."""
+    model, optimizer = method.model, method.optimizer
+    model.train()
+    # Running sums stay on the device; reading them (a sync) happens only when the bar is refreshed.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    refresh_every = max(1, len(loader) // BAR_UPDATES_PER_EPOCH)
+    for step, (inputs, targets) in enumerate(loader, start=1):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, autocast_dtype):
+            logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.lr_schedule.step()
+        loss_sum += loss.detach() * targets.shape[0]
+        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        seen += targets.shape[0]
+        bar.update()
+        if step % refresh_every == 0 or step == len(loader):
+            mean_loss = loss_sum.item() / seen
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(f"the training loss became {mean_loss} (step {step} of the epoch); lower "
+                                       "--lr" + (" or --alpha" if method.factorised else ""))
+            postfix = {"loss": f"{mean_loss:.4f}", "acc": f"{correct.item() / seen:.2%}",
+                       "density": f"{density(model):.2%}"}
+            if method.alpha() is not None:
+                postfix["alpha"] = f"{method.alpha():.3g}"
+            bar.set_postfix(postfix, refresh=False)
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+
+def format_record(record: dict[str, Any], config: Config) -> str:
+    """The log line of an epoch."""
+    parts = [f"epoch {record['epoch']}/{config.epochs * (config.cycles + 1)}"]
+    if config.cycles:
+        parts.append(f"cycle {record['cycle']}/{config.cycles}")
+    parts.append(f"lr {record['lr']:.4g}")
+    if record.get("alpha") is not None:
+        parts.append(f"alpha {record['alpha']:.3g}")
+    parts.append(f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2%}")
+    for split in ("val", "test"):
+        if f"{split}_loss" in record:
+            parts.append(f"{split} loss {record[f'{split}_loss']:.4f} acc {record[f'{split}_accuracy']:.2%}")
+    parts.append(f"density {record['density']:.2%}")
+    if "l1_relative" in record:
+        parts.append(f"L1 {record['l1_relative']:.3f}x")
+    parts.append(f"{record['seconds']:.1f}s (+{record['eval_seconds']:.1f}s eval)")
+    return "  ".join(parts)
+
+
+def _snapshot(method: Method) -> dict[str, Any]:
+    """Copies of the model's and the optimizer's state (their state dicts hold live tensors)."""
+    return copy.deepcopy({"model": method.model.state_dict(), "optimizer": method.optimizer.state_dict()})
+
+
+class Trainer:
+    """Runs the epochs of every cycle through :class:`pilot.IterativePruning` (one cycle without --cycles).
+
+    Resuming a run stopped in cycle k replays the pruning driver up to cycle k without training: cycles before
+    k - 1 return at once, cycle k - 1 loads the state it ended with (kept in the checkpoint as ``cycle_end``), so
+    the driver prunes and rewinds exactly as it did before the stop; cycle k then loads the checkpoint and goes on.
+    """
+
+    def __init__(self, config: Config, data: Data, model: nn.Module) -> None:
+        self.config, self.data = config, data
+        self.out = Path(config.out)
+        self.device = torch.device(config.device)
+        self.autocast_dtype = torch.bfloat16 if config.bf16 else None
+        self.iterative = IterativePruning(model, lambda m: make_optimizer(config, m), mode=config.rewind,
+                                          keep_rate=1.0 - config.prune_rate, scope=config.prune_scope)
+        self.progress = Progress()
+        self.cycle_end: Optional[dict[str, Any]] = None
+        self.checkpoint = read_checkpoint(self.out) if config.resume else None
+        if self.checkpoint is not None:
+            if self.checkpoint.get("format") != CHECKPOINT_FORMAT:
+                raise RunError(f"checkpoint format {self.checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT} "
+                               "(written by another version of pilot.train); pass --overwrite to start over")
+            self.progress = Progress(**self.checkpoint["progress"])
+            self.cycle_end = self.checkpoint["cycle_end"]
+            self.iterative.rewind_point = self.checkpoint["rewind_point"]
+            log.info("resuming %s after epoch %d of cycle %d", self.out, self.progress.epoch, self.progress.cycle)
+        elif config.resume:
+            log.info("%s has no checkpoint yet: starting from epoch 1", self.out)
+        # Records written after the checkpoint (a crash between the two writes) go with their unsaved epoch.
+        write_jsonl(self.progress.history, self.out / METRICS)
+        self.method: Optional[Method] = None
+
+    def run(self) -> Method:
+        """Train every cycle; returns the method of the last one (its model is the trained model)."""
+        self.iterative.run(self.train_cycle, self.config.cycles)
+        assert self.method is not None
+        return self.method
+
+    def train_cycle(self, model: nn.Module, optimizer: Optimizer, cycle: int) -> None:
+        config = self.config
+        method = self.method = make_method(config, model, optimizer, len(self.data.train))
+        if self.checkpoint is not None and cycle < self.progress.cycle:  # replay, see the class docstring
+            if cycle == self.progress.cycle - 1:
+                model.load_state_dict(self.cycle_end["model"])
+                optimizer.load_state_dict(self.cycle_end["optimizer"])
+            return
+        if self.checkpoint is not None:
+            model.load_state_dict(self.checkpoint["model"])
+            method.load_state_dict(self.checkpoint["method"])  # after the model: FusedPILoTSGD sets x = m * w
+            _set_rng_state(self.checkpoint["rng"], self.data.train)
+            self.checkpoint = None
+        else:
+            self.progress.cycle, self.progress.epoch = cycle, 0
+            self.progress.initial_l1 = method.l1_norm()
+        for epoch in range(self.progress.epoch + 1, config.epochs + 1):
+            self.train_epoch(method, cycle, epoch)
+            if config.rewind == "wr" and cycle == 0 and epoch == config.rewind_epoch:
+                self.iterative.save_rewind_point()
+            self.save_checkpoint(method)
+        if cycle < config.cycles:
+            self.cycle_end = _snapshot(method)
+
+    def train_epoch(self, method: Method, cycle: int, epoch: int) -> None:
+        """One epoch, its evaluation, the alpha schedule's step, its log line and metrics record."""
+        config = self.config
+        global_epoch = cycle * config.epochs + epoch
+        record: dict[str, Any] = {"epoch": global_epoch, "cycle": cycle,
+                                  "lr": method.optimizer.param_groups[0]["lr"], "alpha": method.alpha()}
+        started = time.perf_counter()
+        with tqdm(total=len(self.data.train), desc=f"epoch {global_epoch}/{config.epochs * (config.cycles + 1)}",
+                  unit="batch", leave=False, disable=not config.progress, dynamic_ncols=True) as bar:
+            record["train_loss"], record["train_accuracy"] = train_one_epoch(
+                method, self.data.train, device=self.device, autocast_dtype=self.autocast_dtype, bar=bar)
+        record["seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for split, loader in self.data.eval.items():
+            result = evaluate(method.model, loader, device=self.device, autocast_dtype=self.autocast_dtype)
+            record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
+        record["eval_seconds"] = time.perf_counter() - started
+        record["density"] = density(method.model)
+        l1 = method.l1_norm()
+        if l1 is not None:
+            record["l1_norm"] = l1
+            record["l1_relative"] = l1 / self.progress.initial_l1 if self.progress.initial_l1 else math.nan
+        method.end_epoch(record["train_accuracy"])
+        self.progress.epoch = epoch
+        self.progress.history.append(record)
+        self.progress.train_seconds += record["seconds"]
+        self.progress.eval_seconds += record["eval_seconds"]
+        log.info(format_record(record, config))
+        append_jsonl(record, self.out / METRICS)
+
+    def save_checkpoint(self, method: Method) -> None:
+        save_torch({"format": CHECKPOINT_FORMAT, "model": method.model.state_dict(), "method": method.state_dict(),
+                    "progress": dataclasses.asdict(self.progress), "rng": _rng_state(self.data.train),
+                    "cycle_end": self.cycle_end,
+                    "rewind_point": self.iterative.rewind_point if self.config.rewind == "wr" else None},
+                   self.out / CHECKPOINT)

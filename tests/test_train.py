@@ -1,0 +1,258 @@
+"""python -m pilot.train end to end on a tiny synthetic Fashion-MNIST (idx files written to tmp_path).
+
+12x12 images of 10 noisy blocky class templates (4x4 blocks survive the random 2-pixel crops of the
+augmentation): every run takes seconds, and a model that learns shows it within three epochs.
+"""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pilot.evaluate import one_shot_levels
+from pilot.models import build_model
+from pilot.train import loop as train_loop
+from pilot.train import main, parse_config
+from pilot.train.methods import lr_multiplier
+
+IMAGE_SIZE, BLOCK = 12, 4
+TRAIN_SIZE, TEST_SIZE = 320, 120
+METHODS = ("dense", "pilot", "spred", "lasso", "str")
+
+
+def _write_idx(path: Path, magic: int, data: torch.Tensor) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(size.to_bytes(4, "big") for size in data.shape)
+    path.write_bytes(header + data.numpy().tobytes())
+
+
+def write_fashion_mnist(root: Path, *, seed: int = 0) -> Path:
+    """Synthetic idx files in Fashion-MNIST's layout: class template + noise, uint8."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(10, IMAGE_SIZE // BLOCK, IMAGE_SIZE // BLOCK, generator=generator) * 200
+    templates = blocks.repeat_interleave(BLOCK, 1).repeat_interleave(BLOCK, 2)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, size in (("train", TRAIN_SIZE), ("t10k", TEST_SIZE)):
+        labels = torch.arange(size) % 10
+        images = templates[labels] + torch.rand(size, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 55
+        _write_idx(root / f"{prefix}-images-idx3-ubyte", 2051, images.to(torch.uint8))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte", 2049, labels.to(torch.uint8))
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    """Intra-op threads only add synchronisation to these tiny models; on a loaded machine OpenMP's spin-waits
+    make them 10-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion"))
+
+
+def run(out: Path, data_root: Path, *args: str) -> int:
+    return main(["--data-root", str(data_root), "--out", str(out), "--batch-size", "32", "--epochs", "2",
+                 "--no-progress", "--backend", "eager", *args])
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def assert_states_equal(a: object, b: object, where: str = "") -> None:
+    """Bit-exact equality of nested checkpoints (tensors compared with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_states_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, where
+
+
+# ---------------------------------------------------------------------------------------------- every method
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str, Path]:
+    """One 3-epoch run per method, shared by the tests that read their outputs."""
+    runs = {}
+    for method in METHODS:
+        out = tmp_path_factory.mktemp(method) / "run"
+        assert run(out, data_root, "--method", method, "--epochs", "3", "--sparsity", "0.5", "0.9") == 0
+        runs[method] = out
+    return runs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_the_loss_falls(finished_runs: dict[str, Path], method: str) -> None:
+    history = records(finished_runs[method])
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert history[-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert (history[0]["alpha"] is not None) == (method in ("pilot", "spred"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_models_have_exactly_the_target_sparsity(finished_runs: dict[str, Path], method: str) -> None:
+    out = finished_runs[method]
+    for sparsity in (0.5, 0.9):
+        saved = torch.load(out / f"pruned-{100 * sparsity:g}.pt", weights_only=True)
+        model = build_model(saved["model"], saved["num_classes"], saved["in_channels"], saved["input_size"])
+        model.load_state_dict(saved["state_dict"])  # a plain model (STR baked in)
+        weights = {name: p for name, p in model.named_parameters() if p.ndim >= 2}
+        total = sum(p.numel() for p in weights.values())
+        assert sum(int((p == 0).sum()) for p in weights.values()) == round(sparsity * total)
+        assert saved["masks"].keys() == {f"{name}_mask" for name in weights}
+        for name, p in weights.items():
+            assert torch.equal(saved["masks"][f"{name}_mask"], (p != 0).to(p.dtype))
+
+
+def test_summary_curve_and_plots(finished_runs: dict[str, Path]) -> None:
+    out = finished_runs["pilot"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["method"] == "pilot" and summary["epochs"] == 3
+    assert {"torch", "triton", "python", "pilot"} <= summary["versions"].keys()
+    assert summary["device"]["device"] == "cpu"
+    assert summary["times"]["train_seconds"] > 0
+    assert [p["target_sparsity"] for p in summary["pruned"]] == [0.5, 0.9]
+    assert all(p["layers"] and "test_accuracy" in p for p in summary["pruned"])
+    curve = json.loads((out / "one_shot.json").read_text())
+    levels = [row["target_sparsity"] for row in curve["levels"]]
+    # 1 - 0.8^k up to 0.9 (k = 10 gives 0.893) and the requested levels
+    assert levels == one_shot_levels([0.5, 0.9]) == sorted({round(1 - 0.8 ** k, 6) for k in range(1, 11)} | {0.5, 0.9})
+    for row in curve["levels"]:
+        assert math.isclose(row["sparsity"], row["target_sparsity"], abs_tol=1e-4)
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+    for name in ("curves.png", "one_shot.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "epoch 3/3" in (out / "train.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def interrupted_at(call: int):
+    """A Trainer.train_epoch that raises KeyboardInterrupt (as Ctrl-C would) when epoch number ``call`` starts."""
+    original, calls = train_loop.Trainer.train_epoch, []
+
+    def train_epoch(trainer: train_loop.Trainer, *args: object) -> None:
+        calls.append(args)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        original(trainer, *args)
+
+    return train_epoch
+
+
+@pytest.mark.parametrize("extra", [("--val-fraction", "0.25"), ("--cycles", "1", "--rewind", "wr")],
+                         ids=["one-cycle", "wr-across-a-cycle"])
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                            extra: tuple[str, ...]) -> None:
+    args = ("--method", "pilot", "--sparsity", "0.9", *extra)
+    assert run(tmp_path / "whole", data_root, *args) == 0
+    stop_at = 3 if "--cycles" in extra else 2  # in the second cycle / in the second epoch
+    with monkeypatch.context() as patch:
+        patch.setattr(train_loop.Trainer, "train_epoch", interrupted_at(stop_at))
+        assert run(tmp_path / "stopped", data_root, *args) == 130
+    assert len(records(tmp_path / "stopped")) == stop_at - 1
+    assert main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress", "--backend", "eager"]) == 0
+    whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "stopped")
+    assert_states_equal(whole["model"], resumed["model"], "model")
+    assert_states_equal(whole["method"]["optimizer"]["state"], resumed["method"]["optimizer"]["state"], "optimizer")
+    strip = ("seconds", "eval_seconds")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "whole")] == \
+           [{k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "stopped")]
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+
+def test_an_existing_run_is_never_overwritten_silently(tmp_path: Path, data_root: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert run(out, data_root, "--method", "dense", "--epochs", "1", "--sparsity", "0.5") == 0
+    summary = (out / "summary.json").read_bytes()
+    assert run(out, data_root, "--method", "dense", "--epochs", "1", "--sparsity", "0.5") == 1
+    assert "already holds a run (finished)" in capsys.readouterr().err
+    assert main(["--out", str(out), "--resume", "--lr", "0.5", "--no-progress"]) == 1
+    assert "lr: 0.1 -> 0.5" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == summary
+    # Resuming a finished run redoes only the end (pruning, curve, plots, summary).
+    assert main(["--out", str(out), "--resume", "--no-progress"]) == 0
+    assert len(records(out)) == 1
+    assert run(out, data_root, "--method", "dense", "--epochs", "1", "--lr", "0.05", "--overwrite",
+               "--sparsity", "0.5") == 0
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.05
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    assert run(tmp_path / "notes", data_root, "--method", "dense") == 1
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_missing_and_corrupt_datasets_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nowhere"
+    assert main(["--data", "cifar10", "--data-root", str(missing), "--out", str(tmp_path / "a"),
+                 "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    assert "cannot load --data cifar10" in error and str(missing) in error
+    corrupt = write_fashion_mnist(tmp_path / "corrupt")
+    raw = bytearray((corrupt / "train-images-idx3-ubyte").read_bytes())
+    raw[:4] = (1234).to_bytes(4, "big")
+    (corrupt / "train-images-idx3-ubyte").write_bytes(bytes(raw))
+    assert main(["--data-root", str(corrupt), "--out", str(tmp_path / "b"), "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    assert "wrong idx magic number 1234" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--sparsity", "1.0"], "--sparsity: must be in (0, 1)"),
+    (["--method", "dense", "--alpha", "1e-4"], "--alpha applies to --method pilot/spred"),
+    (["--method", "spred", "--beta", "1"], "--beta applies to --method pilot"),
+    (["--rewind", "wr"], "apply to iterative pruning"),
+    (["--warmup-epochs", "10"], "--warmup-epochs (10) must be smaller than --epochs (10)"),
+    (["--bf16", "--device", "cpu"], "--bf16 autocast needs a CUDA device"),
+    (["--resume", "--overwrite"], "not allowed with argument"),
+])
+def test_invalid_arguments_are_rejected_with_a_message(args: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_train_pilot_on_fashion_mnist() -> None:
+    config, explicit = parse_config([])
+    assert (config.method, config.data, config.model, config.epochs) == ("pilot", "fashion-mnist", "lenet300-100", 10)
+    assert config.beta == 1.0 and config.alpha > 0 and config.factor > 1 and not config.l1_threshold_absolute
+    assert explicit == frozenset()
+    spred, explicit = parse_config(["--method", "spred", "--lr", "0.05"])
+    assert (spred.beta, spred.factor, spred.out) == (0.0, None, "runs/spred-lenet300-100-fashion-mnist-seed0")
+    assert explicit == {"method", "lr"}
+
+
+def test_learning_rate_schedules() -> None:
+    def multipliers(*args: str) -> list[float]:
+        config, _ = parse_config(["--epochs", "4", *args])
+        schedule = lr_multiplier(config, steps_per_epoch=2)
+        return [schedule(step) for step in range(8)]
+
+    cosine = multipliers("--warmup-epochs", "1")
+    assert cosine[:2] == [0.5, 1.0] and cosine[2] == 1.0 and cosine[2:] == sorted(cosine[2:], reverse=True)
+    assert cosine[-1] > 0
+    assert multipliers("--lr-schedule", "step", "--milestones", "1", "3") == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01])
+    assert multipliers("--lr-schedule", "step") == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
