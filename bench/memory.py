@@ -5,17 +5,18 @@ since just before the contender was built (model copy, gradients, optimizer stat
 input batch existed before and is not counted).
 
 * CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before building.
-* CPU: the profiler's allocation events (``profile_memory=True``), one per allocation or free of the CPU
-  allocator, summed in time order from just before building. The profiler only reports frees of blocks it saw
-  allocated, so the session spans the contender's whole life up to the measured step; storages are counted
-  once however many views they have, because the allocator knows nothing of views. A TorchDispatchMode
-  cannot be used here: torch.compile (FusedPILoTSGD's CPU path) refuses to run under one.
+* CPU: the profiler's allocation events (``profile_memory=True``): every allocation and free of the CPU
+  allocator with its address, summed in time order over a session that spans the contender's whole life up to
+  the measured step. Frees of blocks allocated before the session (anything not the contender's) are ignored.
+  Storages count once however many views they have, because the allocator knows nothing of views. A
+  TorchDispatchMode cannot be used here: torch.compile (FusedPILoTSGD's CPU path) refuses to run under one.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch._C._profiler import _ExtraFields_Allocation
 from torch.profiler import ProfilerActivity, profile, record_function
 
 MEASURED_STEP = "bench::measured_step"
@@ -52,18 +53,27 @@ def _peak_cpu(build: Callable[[], Callable[[], None]], warmup: int) -> int:
             step()
         with record_function(MEASURED_STEP):
             step()
-    events = session.profiler.kineto_results.events()
-    window = next((e.start_ns(), e.end_ns()) for e in events if e.name() == MEASURED_STEP)
-    allocations = sorted(((e.start_ns(), e.nbytes()) for e in events
-                          if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
-                         key=lambda event: event[0])
+    window = None
+    allocations = []  # (time, address, signed bytes)
+    nodes = list(session.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        fields = node.extra_fields
+        if node.name == MEASURED_STEP:
+            window = (node.start_time_ns, node.end_time_ns)
+        elif isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            allocations.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+    assert window is not None, "the measured step left no profiler event"
+    sizes: dict[int, int] = {}  # live blocks allocated in the session, by address
     held = peak = 0
-    for start_ns, nbytes in allocations:
+    for start_ns, address, nbytes in sorted(allocations, key=lambda event: event[0]):
         if start_ns >= window[1]:
             break
-        held += nbytes
-        if start_ns >= window[0]:
-            peak = max(peak, held)
+        if nbytes > 0:
+            sizes[address] = nbytes
+            held += nbytes
         else:
-            peak = held  # what the step starts with
+            held -= sizes.pop(address, 0)  # a block from before the session: not the contender's
+        peak = max(peak, held) if start_ns >= window[0] else held
     return peak

@@ -117,8 +117,12 @@ def test_fused_kernel_counter_sees_only_active_lanes() -> None:
     assert count.outside.ops == 0
 
 
-def test_peak_memory_counts_each_storage_once() -> None:
+def test_peak_memory_counts_each_storage_once_and_only_the_contenders() -> None:
+    with torch.profiler.profile(profile_memory=True):  # the allocator now knows this block's size...
+        stale = [torch.ones(4 * N)]
+
     def build():  # noqa: ANN202
+        stale.clear()  # ... and frees it inside the next session: it was never the contender's
         held = torch.ones(N)
 
         def step() -> None:
