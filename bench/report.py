@@ -15,11 +15,11 @@ import triton
 import pilot
 
 from .contenders import BASELINE, CONTENDERS, REFERENCES
+from .suite import MEMORY_RATIO_KEY, ratio_key
 from .timing import Stats
 
 REPO = Path(__file__).resolve().parent.parent
-TIME_RATIO = "ratio_to_" + BASELINE
-MEMORY_RATIO = "memory_ratio_to_" + BASELINE
+TIME_RATIO = ratio_key(BASELINE)
 
 
 # ------------------------------------------------------------------------------------------------ the machine
@@ -40,7 +40,8 @@ def device_label(device: torch.device) -> str:
     """Which device a figure comes from, e.g. "cpu: AMD EPYC, 2 threads"."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {cpu_model()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"cpu: {cpu_model()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _git(*args: str) -> Optional[str]:
@@ -82,7 +83,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         targets.append(_target("fused step moves 40 B per fp32 factorised element", model, per_element, "B",
                                per_element == 40))
         for reference in REFERENCES:
-            ratio = entry["contenders"][reference]["ratio_to_pilot"].median
+            ratio = entry["contenders"][reference][ratio_key("pilot")].median
             targets.append(_target("eager reference moves >= 2.5x the fused step's bytes", f"{model}, {reference}",
                                    ratio, "x", ratio >= 2.5))
         fused = entry["contenders"]["pilot"]
@@ -96,7 +97,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             targets.append(_target("CPU: fused step <= 2.5x dense fused SGD's step time", model, ratio, "x",
                                    ratio <= 2.5))
             for reference in REFERENCES:
-                ratio = pilot_record["ratio_to_" + reference].median
+                ratio = pilot_record[ratio_key(reference)].median
                 targets.append(_target("CPU: fused step <= 0.5x the eager reference's step time",
                                        f"{model}, {reference}", ratio, "x", ratio <= 0.5))
         for entry in results.get("training_step", []):
@@ -177,7 +178,7 @@ def format_tables(results: dict[str, Any]) -> str:
 
         def train_cells(r: dict[str, Any]) -> str:
             cells = (f"{_range(r['time'], 1):<26} {_range(r[TIME_RATIO], 3):<22} {r['peak_memory'].median:>9.1f} "
-                     f"{r[MEMORY_RATIO].median:>15.2f}")
+                     f"{r[MEMORY_RATIO_KEY].median:>15.2f}")
             return cells + (f"  {r['host_time'].median:.3f}" if cuda else "")
 
         lines += _rows(results["training_step"], head, train_cells)
@@ -205,7 +206,7 @@ def format_tables(results: dict[str, Any]) -> str:
                 f"{entry['model']}: pilot kernel {kernel['factorised_bytes_per_element'].median:.2f} B per factorised "
                 f"element (+{kernel['tables_and_telemetry_bytes_per_factorised_element'].median:.2f} tables and "
                 f"telemetry), {kernel['plain_bytes_per_element'].median:.2f} B per plain element; reference moves "
-                + ", ".join(f"{entry['contenders'][r]['ratio_to_pilot'].median:.2f}x ({r})" for r in REFERENCES))
+                + ", ".join(f"{entry['contenders'][r][ratio_key('pilot')].median:.2f}x ({r})" for r in REFERENCES))
         lines.append("ops: aten ops (each >= 1 kernel launch on a GPU); pilot: Triton launches counted in the "
                      "interpreter, ops = aten ops of its step outside the kernel")
         lines.append("reference = its optimizer step + the product m*w in the forward + the products g*w, g*m in the "
@@ -226,7 +227,7 @@ def format_tables(results: dict[str, Any]) -> str:
         lines.append("Targets (measured here; not tuned)")
         for t in results["targets"]:
             lines.append(f"  {'met   ' if t['met'] else 'MISSED'}  {t['target']}: {t['subject']}: "
-                         f"{t['measured']:.3f} {t['unit']}")
+                         f"{t['measured']:.4g} {t['unit']}")
     return "\n".join(lines)
 
 
@@ -249,7 +250,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     panels = [(title, results[section], key) for title, section, key in (
         ("optimizer step time", "optimizer_step", TIME_RATIO),
         ("training step time", "training_step", TIME_RATIO),
-        ("training step peak memory", "training_step", MEMORY_RATIO)) if results.get(section)]
+        ("training step peak memory", "training_step", MEMORY_RATIO_KEY)) if results.get(section)]
     if not panels:
         return False
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)

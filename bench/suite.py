@@ -26,6 +26,14 @@ from .traffic import (KernelTraffic, Traffic, fused_kernel_traffic, memory_bound
 MIB = 2**20
 
 
+def ratio_key(contender: str) -> str:
+    """The key of a record's ratio to ``contender``."""
+    return f"ratio_to_{contender}"
+
+
+MEMORY_RATIO_KEY = f"memory_ratio_to_{BASELINE}"
+
+
 @dataclass(frozen=True)
 class Settings:
     device: torch.device
@@ -48,11 +56,10 @@ def _timing_records(timings: dict[str, Timing], device: torch.device) -> dict[st
     for name, timing in timings.items():
         record = {"time": Stats.of([t * 1e3 for t in timing.device], "ms"),
                   "first_call": Stats.exact(timing.first_call, "s"),
-                  "ratio_to_" + BASELINE: Stats.of(paired_ratios(timing.device, timings[BASELINE].device), "x")}
+                  ratio_key(BASELINE): Stats.of(paired_ratios(timing.device, timings[BASELINE].device), "x")}
         if name == "pilot":
             for reference in REFERENCES:
-                record["ratio_to_" + reference] = Stats.of(paired_ratios(timing.device, timings[reference].device),
-                                                           "x")
+                record[ratio_key(reference)] = Stats.of(paired_ratios(timing.device, timings[reference].device), "x")
         if device.type == "cuda":
             record["host_time"] = Stats.of([t * 1e3 for t in timing.host], "ms")
         records[name] = record
@@ -65,8 +72,8 @@ def optimizer_step(settings: Settings) -> list[dict[str, Any]]:
     for model in settings.models:
         progress(f"[1/4] optimizer step: {model}")
         contenders = build_contenders(model_spec(model), settings.hyper, settings.device)
-        for seed, contender in enumerate(contenders.values()):
-            contender.fill_random_grads(seed)
+        for contender in contenders.values():
+            contender.fill_random_grads(seed=0)
         steps = {name: contender.optimizer.step for name, contender in contenders.items()}
         timings = time_interleaved(steps, settings.device, repeats=settings.repeats, warmup=settings.warmup)
         results.append({"model": model, "parameters": parameter_count(contenders[BASELINE].model),
@@ -96,7 +103,7 @@ def training_step(settings: Settings) -> list[dict[str, Any]]:
         peaks = _peak_memories(spec, batch, settings)
         for name, record in records.items():
             record["peak_memory"] = Stats.exact(peaks[name] / MIB, "MiB")
-            record["memory_ratio_to_" + BASELINE] = Stats.exact(peaks[name] / peaks[BASELINE], "x")
+            record[MEMORY_RATIO_KEY] = Stats.exact(peaks[name] / peaks[BASELINE], "x")
         results.append({"model": model, "batch_size": batch_size, "image_size": spec.image_size,
                         "contenders": records})
     return results
@@ -121,7 +128,7 @@ def _traffic_record(traffic: Traffic, parameters: int, baseline: Traffic) -> dic
             "bytes_per_parameter": Stats.exact(traffic.bytes / parameters, "B"),
             "ops": Stats.exact(traffic.ops, "count"),
             "launches": Stats.exact(traffic.launches, "count"),
-            "ratio_to_" + BASELINE: Stats.exact(traffic.bytes / baseline.bytes, "x"),
+            ratio_key(BASELINE): Stats.exact(traffic.bytes / baseline.bytes, "x"),
             **{f"model_time_{gpu}": Stats.exact(seconds * 1e6, "us") for gpu, seconds in modelled.items()}}
 
 
@@ -158,7 +165,7 @@ def traffic(settings: Settings) -> list[dict[str, Any]]:
         for name, parts in phases.items():
             records[name]["phases"] = {phase: _traffic_record(t, parameters, baseline) for phase, t in parts.items()}
             if "pilot" in counted:
-                records[name]["ratio_to_pilot"] = Stats.exact(counted[name].bytes / counted["pilot"].bytes, "x")
+                records[name][ratio_key("pilot")] = Stats.exact(counted[name].bytes / counted["pilot"].bytes, "x")
         entry = {"model": model, "parameters": parameters, "contenders": records}
         if model in kernel_counts:
             entry["pilot_kernel"] = _kernel_streams(kernel_counts[model])
