@@ -108,10 +108,10 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for entry in results.get("training_step", []):
         pilot_peak = entry["contenders"]["pilot"]["peak_memory"].median
         for reference in REFERENCES:
-            reference_peak = entry["contenders"][reference]["peak_memory"].median
-            targets.append(_target("peak memory of the fused step's training below the eager reference's",
-                                   f"{entry['model']}, {reference}", pilot_peak / reference_peak, "x",
-                                   pilot_peak < reference_peak))
+            difference = pilot_peak - entry["contenders"][reference]["peak_memory"].median
+            targets.append(_target("peak memory of pilot's training step below the eager reference's",
+                                   f"{entry['model']}, {reference}", difference, "MiB (pilot - reference)",
+                                   difference < 0))
     return targets
 
 
@@ -130,90 +130,76 @@ def _time_digits(stats: Stats) -> int:
     return 3 if stats.median < 10 else 1
 
 
-def _rows(models: Iterable[dict[str, Any]], head: str, cells) -> list[str]:  # noqa: ANN001 - a row formatter
-    lines = [head, "-" * len(head)]
-    for entry in models:
+def _timing_cells(r: dict[str, Any], time_digits: int, ratio_digits: int) -> str:
+    return f"{_range(r['time'], time_digits):<26} {_range(r[TIME_RATIO], ratio_digits):<22}"
+
+
+def _table(title: str, entries: Iterable[dict[str, Any]], columns: str, cells, notes: Iterable[str],  # noqa: ANN001
+           host: bool = False) -> list[str]:
+    """A section: one row per (model, contender) with ``cells(record)`` (and the host time on CUDA), then notes."""
+    head = f"{'model':<10} {'contender':<18} {columns}" + ("  host ms (median)" if host else "")
+    lines = [title, head, "-" * len(head)]
+    for entry in entries:
         label = entry["model"]
         for name in CONTENDERS:
             record = entry["contenders"].get(name)
             if record is not None:
-                lines.append(f"{label:<10} {name:<18} {cells(record)}")
+                host_cell = f"  {record['host_time'].median:.3f}" if host else ""
+                lines.append(f"{label:<10} {name:<18} {cells(record)}{host_cell}")
                 label = ""
-    return lines
+    return lines + list(notes) + [""]
+
+
+def _kernel_note(entry: dict[str, Any]) -> str:
+    kernel = entry.get("pilot_kernel")
+    if kernel is None:
+        return f"{entry['model']}: pilot's kernel not counted (add it to --traffic-models)"
+    return (f"{entry['model']}: pilot kernel {kernel['factorised_bytes_per_element'].median:.2f} B per factorised "
+            f"element (+{kernel['tables_and_telemetry_bytes_per_factorised_element'].median:.2f} tables and "
+            f"telemetry), {kernel['plain_bytes_per_element'].median:.2f} B per plain element; reference moves "
+            + ", ".join(f"{entry['contenders'][r][ratio_key('pilot')].median:.2f}x ({r})" for r in REFERENCES))
 
 
 def format_tables(results: dict[str, Any]) -> str:
     env = results["environment"]
     settings = results["settings"]
-    cuda = env["device"] == "cuda"
+    device, cuda = env["device_name"], env["device"] == "cuda"
     commit = (env["git_commit"] or "unknown")[:12] + (" (dirty)" if env["git_dirty"] else "")
-    lines = [f"pilot bench on {env['device_name']}",
+    lines = [f"pilot bench on {device}",
              f"torch {env['torch']}, triton {env['triton']}, commit {commit}; load average "
              f"{env['load_average_at_start'][0]:.2f} at start, {env['load_average_at_end'][0]:.2f} at end",
              (f"SGD lr {settings['lr']}, momentum {settings['momentum']}, weight decay {settings['weight_decay']}; "
               f"PILoT alpha {settings['alpha']}, beta {settings['beta']}. Times: median [min, max] of "
               f"{settings['repeats']} interleaved samples; x = paired ratio to {BASELINE} (median [min, max])."), ""]
-    host = "  host ms (median)" if cuda else ""
-
+    ratio = f"{'x ' + BASELINE:<22}"
     if "optimizer_step" in results:
-        lines.append(f"1. Optimizer step alone ({env['device_name']})")
-        head = f"{'model':<10} {'contender':<18} {'ms':<26} {'x ' + BASELINE:<22} {'first step':>10}{host}"
-
-        def step_cells(r: dict[str, Any]) -> str:
-            cells = (f"{_range(r['time'], _time_digits(r['time'])):<26} {_range(r[TIME_RATIO], 2):<22} "
-                     f"{_seconds(r['first_call'].median):>10}")
-            return cells + (f"  {r['host_time'].median:.3f}" if cuda else "")
-
-        lines += _rows(results["optimizer_step"], head, step_cells)
-        lines.append("first step: the first call's wall time (momentum buffers; for pilot on CPU torch.compile, "
-                     "faster when inductor's on-disk cache is warm)")
-        lines.append("")
-
+        lines += _table(
+            f"1. Optimizer step alone ({device})", results["optimizer_step"],
+            f"{'ms':<26} {ratio} {'first step':>10}",
+            lambda r: f"{_timing_cells(r, _time_digits(r['time']), 2)} {_seconds(r['first_call'].median):>10}",
+            ["first step: the first call's wall time (momentum buffers; for pilot on CPU torch.compile, faster "
+             "when inductor's on-disk cache is warm)"], cuda)
     if "training_step" in results:
-        lines.append(f"2. Training step: zero_grad, forward, backward, step ({env['device_name']})")
-        lines.append("   " + ", ".join(f"{e['model']} batch {e['batch_size']} at {e['image_size']}x{e['image_size']}"
-                                       for e in results["training_step"]))
-        head = (f"{'model':<10} {'contender':<18} {'ms':<26} {'x ' + BASELINE:<22} {'peak MiB':>9} "
-                f"{'x ' + BASELINE:>15}{host}")
-
-        def train_cells(r: dict[str, Any]) -> str:
-            cells = (f"{_range(r['time'], 1):<26} {_range(r[TIME_RATIO], 3):<22} {r['peak_memory'].median:>9.1f} "
-                     f"{r[MEMORY_RATIO_KEY].median:>15.2f}")
-            return cells + (f"  {r['host_time'].median:.3f}" if cuda else "")
-
-        lines += _rows(results["training_step"], head, train_cells)
-        lines.append("peak MiB: allocator bytes held at the peak of one step beyond what existed before the "
-                     "contender was built (model, grads, optimizer state, activations)")
-        lines.append("")
-
+        shapes = ", ".join(f"{e['model']} batch {e['batch_size']} at {e['image_size']}x{e['image_size']}"
+                           for e in results["training_step"])
+        lines += _table(
+            f"2. Training step: zero_grad, forward, backward, step ({device}); {shapes}", results["training_step"],
+            f"{'ms':<26} {ratio} {'peak MiB':>9} {'x ' + BASELINE:>15}",
+            lambda r: f"{_timing_cells(r, 1, 3)} {r['peak_memory'].median:>9.1f} {r[MEMORY_RATIO_KEY].median:>15.2f}",
+            ["peak MiB: allocator bytes held at the peak of one step beyond what existed before the contender was "
+             "built (model, grads, optimizer state, activations)"], cuda)
     if "traffic" in results:
-        lines.append("3. Memory traffic per optimizer step, counted (device-independent)")
-        head = (f"{'model':<10} {'contender':<18} {'MB':>8} {'B/param':>8} {'ops':>5} {'launches':>8} "
-                f"{'x ' + BASELINE:>16} {'A100 us*':>9} {'H100 us*':>9}")
-
-        def traffic_cells(r: dict[str, Any]) -> str:
-            return (f"{r['bytes'].median / 1e6:>8.2f} {r['bytes_per_parameter'].median:>8.2f} {r['ops'].median:>5.0f} "
-                    f"{r['launches'].median:>8.0f} {r[TIME_RATIO].median:>16.2f} "
-                    f"{r['model_time_A100'].median:>9.1f} {r['model_time_H100'].median:>9.1f}")
-
-        lines += _rows(results["traffic"], head, traffic_cells)
-        for entry in results["traffic"]:
-            kernel = entry.get("pilot_kernel")
-            if kernel is None:
-                lines.append(f"{entry['model']}: pilot's kernel not counted (add it to --traffic-models)")
-                continue
-            lines.append(
-                f"{entry['model']}: pilot kernel {kernel['factorised_bytes_per_element'].median:.2f} B per factorised "
-                f"element (+{kernel['tables_and_telemetry_bytes_per_factorised_element'].median:.2f} tables and "
-                f"telemetry), {kernel['plain_bytes_per_element'].median:.2f} B per plain element; reference moves "
-                + ", ".join(f"{entry['contenders'][r][ratio_key('pilot')].median:.2f}x ({r})" for r in REFERENCES))
-        lines.append("ops: aten ops (each >= 1 kernel launch on a GPU); pilot: Triton launches counted in the "
-                     "interpreter, ops = aten ops of its step outside the kernel")
-        lines.append("reference = its optimizer step + the product m*w in the forward + the products g*w, g*m in the "
-                     "backward")
-        lines.append("* a model, not a measurement: bytes / peak HBM bandwidth (A100 2.0 TB/s, H100 3.35 TB/s)")
-        lines.append("")
-
+        lines += _table(
+            "3. Memory traffic per optimizer step, counted (device-independent)", results["traffic"],
+            f"{'MB':>8} {'B/param':>8} {'ops':>5} {'launches':>8} {'x ' + BASELINE:>16} {'A100 us*':>9} {'H100 us*':>9}",
+            lambda r: (f"{r['bytes'].median / 1e6:>8.2f} {r['bytes_per_parameter'].median:>8.2f} "
+                       f"{r['ops'].median:>5.0f} {r['launches'].median:>8.0f} {r[TIME_RATIO].median:>16.2f} "
+                       f"{r['model_time_A100'].median:>9.1f} {r['model_time_H100'].median:>9.1f}"),
+            [*map(_kernel_note, results["traffic"]),
+             "ops: aten ops (each >= 1 kernel launch on a GPU); pilot: Triton launches counted in the interpreter, "
+             "ops = aten ops of its step outside the kernel",
+             "reference = its optimizer step + the product m*w in the forward + the products g*w, g*m in the backward",
+             "* a model, not a measurement: bytes / peak HBM bandwidth (A100 2.0 TB/s, H100 3.35 TB/s)"])
     if "kernel" in results:
         lines.append("4. Fused kernel compiled ahead of time (Triton -> PTX -> ptxas; no GPU needed)")
         lines.append(f"{'arch':<8} {'x dtype':<9} {'regs':>4} {'spill B':>7}  global loads / stores (bits: count)")

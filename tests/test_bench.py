@@ -1,7 +1,8 @@
 """bench/: a --quick run end to end, the traffic counters on known figures, peak memory, the PTX inspector's fields.
 
-The --quick run is a subprocess without TRITON_INTERPRET (bench times and compiles the real kernels); the counters
-run here, where conftest.py has the kernels interpreted, which is what the fused-kernel counter needs.
+The --quick run is a subprocess without TRITON_INTERPRET (bench times and compiles the real kernels), on one
+thread so that other load on the machine cannot stall it; the counters run here, where conftest.py has the kernels
+interpreted, which is what the fused-kernel counter needs.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ N = 10_000
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600, check=False)
+    command = [sys.executable, "-m", "bench", "--quick", "--threads", "1", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     with open(out / "results.json") as f:
         return json.load(f), result.stdout, out
