@@ -191,7 +191,8 @@ def format_tables(results: dict[str, Any]) -> str:
     if "traffic" in results:
         lines += _table(
             "3. Memory traffic per optimizer step, counted (device-independent)", results["traffic"],
-            f"{'MB':>8} {'B/param':>8} {'ops':>5} {'launches':>8} {'x ' + BASELINE:>16} {'A100 us*':>9} {'H100 us*':>9}",
+            (f"{'MB':>8} {'B/param':>8} {'ops':>5} {'launches':>8} {'x ' + BASELINE:>16} "
+             f"{'A100 us*':>9} {'H100 us*':>9}"),
             lambda r: (f"{r['bytes'].median / 1e6:>8.2f} {r['bytes_per_parameter'].median:>8.2f} "
                        f"{r['ops'].median:>5.0f} {r['launches'].median:>8.0f} {r[TIME_RATIO].median:>16.2f} "
                        f"{r['model_time_A100'].median:>9.1f} {r['model_time_H100'].median:>9.1f}"),

@@ -10,7 +10,7 @@ sets TRITON_INTERPRET, and pilot_kernels must not be imported before that.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -43,6 +43,6 @@ def optimizer_step(model: str, contender: str) -> Callable[[], None]:
 
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("model", MODELS)
-def test_optimizer_step(benchmark, optimizer_step: Callable[[], None], model: str, contender: str) -> None:  # noqa: ANN001
+def test_optimizer_step(benchmark: Any, optimizer_step: Callable[[], None], model: str, contender: str) -> None:
     benchmark.group = f"optimizer step, {model}, {DEVICE.type}"
     benchmark(optimizer_step)
