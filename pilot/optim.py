@@ -28,6 +28,8 @@ BACKENDS = ("auto", "triton", "compile", "eager")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FACTOR_KEYS = ("m", "w", "momentum_buffer_m", "momentum_buffer_w")
 PLAIN_KEYS = ("momentum_buffer",)
+BUFFER_KEYS = {True: FACTOR_KEYS[2:], False: PLAIN_KEYS}  # by "factorised"
+MOMENTUM_STARTED = "momentum_started"  # state dict only: whether the (always present) buffers hold a value
 # read from device tensors by the step when capturable=True: group key -> hyper_table column
 CAPTURABLE_COLUMNS = {"lr": _kernel.HYPER_LR, "alpha": _kernel.HYPER_ALPHA}
 _SEGMENT_ALIGN = 32  # elements; keeps every flat segment 128-byte aligned for vector accesses
@@ -61,7 +63,7 @@ class _Entry:
 
     @property
     def buffer_keys(self) -> tuple[str, ...]:
-        return ("momentum_buffer_m", "momentum_buffer_w") if self.factorised else PLAIN_KEYS
+        return BUFFER_KEYS[self.factorised]
 
 
 class _Bucket:
@@ -545,14 +547,13 @@ class FusedPILoTSGD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for bucket in self._buckets:
-            work = self._collect(bucket)
-            if not work:
-                continue
-            if bucket.path == "triton":
+            stepped = [e for e in bucket.entries if e.param.grad is not None]
+            work = self._collect(bucket, stepped)
+            if work and bucket.path == "triton":
                 self._launch(bucket, work, hypers, grad_scale, found_inf)
-            elif not self._run_torch(bucket, work, hypers, grad_scale, found_inf):
-                continue
-            for e, _, _ in work:
+            elif work and not self._run_torch(bucket, work, hypers, grad_scale, found_inf):
+                continue  # skipped (GradScaler found inf): nothing happened
+            for e in stepped:
                 if self.param_groups[e.group]["momentum"] != 0:
                     self._expose_buffers(bucket, e)
                 e.version = _local(e.param)._version
@@ -563,12 +564,15 @@ class FusedPILoTSGD(Optimizer):
         lr, alpha = (0.0, 0.0) if self._capturable else (float(group["lr"]), float(group["alpha"]))
         return lr, alpha, float(group["weight_decay"]), float(group["momentum"]), 1.0 - float(group["dampening"])
 
-    def _collect(self, bucket: _Bucket) -> list[tuple[_Entry, Tensor, int]]:
-        """(entry, dense gradient, kernel flags) of every parameter of the bucket that has a gradient."""
+    def _collect(self, bucket: _Bucket, stepped: list[_Entry]) -> list[tuple[_Entry, Tensor, int]]:
+        """(entry, dense gradient, kernel flags) of the non-empty entries among ``stepped`` (those with a gradient).
+
+        Empty tensors are not stepped but count as stepped: their state must look like that of the other
+        shards of the same parameter on other ranks (collectives and checkpoints expect the same keys)."""
         work = []
-        for e in bucket.entries:
+        for e in stepped:
             p = e.param
-            if p.grad is None or e.numel == 0:
+            if e.numel == 0:
                 continue
             if p.grad.layout != torch.strided:
                 raise TypeError(f"FusedPILoTSGD does not support sparse gradients (parameter of shape "
@@ -746,9 +750,27 @@ class FusedPILoTSGD(Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict; state entries of DTensor parameters are DTensors (sharded like them)."""
+        """torch.optim's state dict, complete enough to serve as the template that a checkpoint is loaded into
+        in place (as torch.distributed.checkpoint does with a fresh optimizer's state dict):
+
+        * the parameters of a group with momentum always have their buffers (zeros before the first momentum
+          step) and ``"momentum_started"`` (bool) says whether the buffers hold a value;
+        * the state of a DTensor parameter is DTensors, sharded like the parameter.
+        """
         self._settle_momentum()
-        return super().state_dict()
+        state_dict = super().state_dict()
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            if float(group["momentum"]) == 0:
+                continue
+            for p, index in zip(group["params"], saved["params"]):
+                entry = dict(state_dict["state"][index])  # a copy: torch's state dict shares our state's dicts
+                keys = BUFFER_KEYS["m" in entry]
+                entry[MOMENTUM_STARTED] = entry[keys[0]] is not None
+                for key in keys:
+                    if entry[key] is None:
+                        entry[key] = _like_param(torch.zeros_like(_local(p), dtype=torch.float32), p)
+                state_dict["state"][index] = entry
+        return state_dict
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._backend = state.pop("backend", getattr(self, "_backend", "auto"))
@@ -820,6 +842,11 @@ class FusedPILoTSGD(Optimizer):
             raise ValueError(f"state dict has no factors m, w for the factorised {where}{hint}")
         if not factorised and "m" in saved:
             raise ValueError(f"state dict has factors for {where}, which this optimizer does not factorise")
+        started = saved.get(MOMENTUM_STARTED)
+        if started is not None and not isinstance(started, bool):
+            raise TypeError(f"state dict's {MOMENTUM_STARTED} of {where} must be a bool, got {started!r}")
+        if started is False:  # zeros standing in for buffers that do not exist yet
+            saved = {key: value for key, value in saved.items() if key not in BUFFER_KEYS[factorised]}
         if factorised and (saved.get("momentum_buffer_m") is None) != (saved.get("momentum_buffer_w") is None):
             raise ValueError(f"state dict has only one of the momentum buffers of {where}")
         loaded: dict[str, Any] = {}

@@ -90,13 +90,15 @@ def test_scaled_training_equals_unscaled_training(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_state_dict_after_a_skipped_first_step_has_no_buffers(backend: str) -> None:
-    """The device knows the first momentum step did not happen: a checkpoint taken then says so (None)."""
+def test_state_dict_after_a_skipped_first_step_says_momentum_has_not_started(backend: str) -> None:
+    """The device knows the first momentum step did not happen: a checkpoint taken then says so."""
     model = SmallCNN()
     optimizer = FusedPILoTSGD(model.parameters(), backend=backend, **OPTIONS)
     scaled_step(model, optimizer, torch.amp.GradScaler("cpu"), 0, poison=True)
     saved = optimizer.state_dict()["state"]
-    assert all(state.get("momentum_buffer_m", state.get("momentum_buffer")) is None for state in saved.values())
+    assert all(state["momentum_started"] is False for state in saved.values())
+    assert all(optimizer.state[p][key] is None for p in model.parameters() for key in optimizer.state[p]
+               if key.startswith("momentum_buffer"))
     resumed_model = copy.deepcopy(model)
     resumed = FusedPILoTSGD(resumed_model.parameters(), backend=backend, **OPTIONS)
     resumed.load_state_dict(optimizer.state_dict())
