@@ -1,6 +1,6 @@
 """Compile the kernels ahead of time for real GPUs, without one: PTX, ptxas resource usage, access widths.
 
-    python -m pilot_kernels.aot            # table for sm_80 and sm_90a
+    python -m pilot_kernels.aot            # table for sm_80 and sm_90a, plain and GradScaler (amp) variants
     python -m pilot_kernels.aot --json     # the same as JSON
 
 Pointer arguments get ``tt.divisibility = 16``, as the JIT specialises them for allocations from torch.
@@ -39,6 +39,7 @@ class KernelReport:
 
     arch: str
     x_dtype: str
+    amp: bool  # the GradScaler variant: unscale on load, skip on found_inf
     registers: int
     spill_store_bytes: int
     spill_load_bytes: int
@@ -96,26 +97,28 @@ def global_access_widths(ptx: str) -> tuple[dict[int, int], dict[int, int]]:
     return dict(counts["ld"]), dict(counts["st"])
 
 
-def report(arch: int, x_dtype: torch.dtype) -> KernelReport:
+def report(arch: int, x_dtype: torch.dtype, amp: bool = False) -> KernelReport:
     """Compile for ``arch`` and summarise registers, spills and access widths."""
-    ptx = compile_pilot_sgd(arch, x_dtype)
+    ptx = compile_pilot_sgd(arch, x_dtype, grad_scale=amp, found_inf=amp)
     registers, spill_stores, spill_loads = ptxas_usage(ptx, arch)
     loads, stores = global_access_widths(ptx)
-    return KernelReport(arch_name(arch), str(x_dtype).replace("torch.", ""), registers, spill_stores, spill_loads,
-                        loads, stores)
+    return KernelReport(arch_name(arch), str(x_dtype).replace("torch.", ""), amp, registers, spill_stores,
+                        spill_loads, loads, stores)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    reports = [report(arch, dtype) for arch in ARCHS for dtype in pilot_sgd.TORCH_TO_TRITON_DTYPE]
+    reports = [report(arch, dtype, amp) for arch in ARCHS for dtype in pilot_sgd.TORCH_TO_TRITON_DTYPE
+               for amp in (False, True)]
     if args.json:
         print(json.dumps([asdict(r) for r in reports], indent=2))
         return
-    print(f"{'arch':8} {'dtype':9} {'regs':>4} {'spills':>6}  global loads / stores by width (bits: count)")
+    print(f"{'arch':8} {'dtype':9} {'amp':3} {'regs':>4} {'spills':>6}  global loads / stores by width (bits: count)")
     for r in reports:
-        print(f"{r.arch:8} {r.x_dtype:9} {r.registers:4d} {r.spill_store_bytes + r.spill_load_bytes:6d}  "
+        print(f"{r.arch:8} {r.x_dtype:9} {'yes' if r.amp else 'no':3} {r.registers:4d} "
+              f"{r.spill_store_bytes + r.spill_load_bytes:6d}  "
               f"ld {dict(sorted(r.loads_by_bits.items()))}  st {dict(sorted(r.stores_by_bits.items()))}")
 
 

@@ -38,7 +38,9 @@ def full_block_vector_accesses(x_bytes: int) -> tuple[int, int]:
 
 
 def test_compiles_for_sm80_and_sm90a_for_every_dtype(reports: list[dict]) -> None:
-    assert {(r["arch"], r["x_dtype"]) for r in reports} == {(a, d) for a in ("sm_80", "sm_90a") for d in BYTES}
+    """Both variants: plain, and GradScaler's (amp: unscale on load, skip on found_inf)."""
+    assert {(r["arch"], r["x_dtype"], r["amp"]) for r in reports} == \
+        {(a, d, amp) for a in ("sm_80", "sm_90a") for d in BYTES for amp in (False, True)}
 
 
 def test_no_spills_and_bounded_registers(reports: list[dict]) -> None:
