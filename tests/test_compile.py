@@ -22,7 +22,8 @@ OPTIONS = dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3)
 STEPS = 6
 
 
-def eager_run(model: nn.Module, backend: str) -> nn.Module:
+def train(model: nn.Module, backend: str) -> None:
+    """STEPS steps of FusedPILoTSGD with a decaying lr, each forward and backward through ``model``."""
     optimizer = FusedPILoTSGD(model.parameters(), backend=backend, **OPTIONS)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
     for seed in range(STEPS):
@@ -30,7 +31,6 @@ def eager_run(model: nn.Module, backend: str) -> nn.Module:
         cnn_loss(seed)(model).backward()
         optimizer.step()
         scheduler.step()
-    return model
 
 
 def assert_close_models(a: nn.Module, b: nn.Module) -> None:
@@ -48,15 +48,9 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("backend", ["triton", "compile"])
 def test_compiled_model_trains_unchanged(backend: str) -> None:
     model = SmallCNN()
-    reference = eager_run(copy.deepcopy(model), backend)
-    compiled = torch.compile(model)
-    optimizer = FusedPILoTSGD(compiled.parameters(), backend=backend, **OPTIONS)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
-    for seed in range(STEPS):
-        optimizer.zero_grad()
-        cnn_loss(seed)(compiled).backward()
-        optimizer.step()
-        scheduler.step()
+    reference = copy.deepcopy(model)
+    train(reference, backend)
+    train(torch.compile(model), backend)  # the compiled module shares model's parameters
     assert_close_models(model, reference)
 
 
@@ -65,7 +59,8 @@ def test_step_inside_a_compiled_train_step(backend: str) -> None:
     """Forward, backward and step in one compiled function: a graph break at step(), no re-trace per step
     although lr changes every step (the step's hyper-parameters are not guarded on)."""
     model = SmallCNN()
-    reference = eager_run(copy.deepcopy(model), backend)
+    reference = copy.deepcopy(model)
+    train(reference, backend)
     optimizer = FusedPILoTSGD(model.parameters(), backend=backend, **OPTIONS)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
     counter = torch._dynamo.testing.CompileCounter()

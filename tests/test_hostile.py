@@ -143,30 +143,34 @@ def test_channels_last_parameters_match_the_reference(backend: str) -> None:
     pair.assert_close()
 
 
+def twins(model: nn.Module, backend: str) -> tuple[list[nn.Module], list[FusedPILoTSGD]]:
+    """model and a copy of it, each with its own optimizer."""
+    models = [model, copy.deepcopy(model)]
+    return models, [FusedPILoTSGD(m.parameters(), backend=backend, **OPTIONS) for m in models]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_of_any_layout_are_read_as_values(backend: str) -> None:
-    """Transposed and broadcast (stride 0) gradients are copied into the parameter's layout first."""
-    models = [mlp() for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [FusedPILoTSGD(model.parameters(), backend=backend, **OPTIONS) for model in models]
+    """Transposed, strided and broadcast (stride 0) gradients are copied into the parameter's layout first."""
+    models, optimizers = twins(mlp(), backend)
     for _ in range(3):
         grads = [torch.randn_like(p) for p in models[0].parameters()]
-        odd = [grads[0].t().contiguous().t(), grads[1][:1].expand(4) * 0 + grads[1], grads[2].t().contiguous().t(),
-               torch.ones(1).expand(3)]
-        grads[3] = torch.ones(3)
+        grads[3] = torch.full((3,), 0.5)
+        odd = [grads[0].t().contiguous().t(),  # transposed memory order
+               torch.stack([grads[1], grads[1]], dim=1)[:, 0],  # every other element of a buffer
+               grads[2].t().contiguous().t(),
+               torch.tensor([0.5]).expand(3)]  # one element, broadcast
         for model, optimizer, batch in zip(models, optimizers, (grads, odd)):
             for p, grad in zip(model.parameters(), batch):
                 p.grad = grad
             optimizer.step()
-    assert odd[0].stride() != models[1][0].weight.stride() and odd[3].stride() == (0,)
+    assert [g.stride() for g in odd] == [(1, 4), (2,), (1, 3), (0,)]
     assert_unchanged(models[1], optimizers[1], snapshot(models[0], optimizers[0]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_data_replaced_by_another_memory_layout_is_followed(backend: str) -> None:
-    models = [SmallCNN() for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [FusedPILoTSGD(model.parameters(), backend=backend, **OPTIONS) for model in models]
+    models, optimizers = twins(SmallCNN(), backend)
     for step in range(4):
         if step == 2:
             weight = models[1].conv.weight
