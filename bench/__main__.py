@@ -98,7 +98,7 @@ def settings_from(args: argparse.Namespace) -> suite.Settings:
 
 def run(settings: suite.Settings, sections: Sequence[str]) -> dict[str, Any]:
     """Measure the chosen sections; the results dict that results.json holds."""
-    started = time.perf_counter()
+    started, cpu_at_start = time.perf_counter(), report.cpu_seconds()
     results: dict[str, Any] = {
         "environment": report.environment(settings.device),
         "settings": {**asdict(settings.hyper), "device": str(settings.device), "models": list(settings.models),
@@ -113,8 +113,9 @@ def run(settings: suite.Settings, sections: Sequence[str]) -> dict[str, Any]:
     if "kernel" in sections:
         results["kernel"] = suite.compiled_kernel()
     results["targets"] = report.evaluate_targets(results)
-    results["environment"]["load_average_at_end"] = list(os.getloadavg())
     results["runtime_seconds"] = time.perf_counter() - started
+    results["environment"]["other_processes_cores"] = report.other_processes_cores(
+        cpu_at_start, report.cpu_seconds(), results["runtime_seconds"])
     return results
 
 

@@ -20,6 +20,7 @@ from .timing import Stats
 
 REPO = Path(__file__).resolve().parent.parent
 TIME_RATIO = ratio_key(BASELINE)
+NOISY_CORES = 0.1  # other processes' average CPU use above which the table warns that timings are unreliable
 
 
 # ------------------------------------------------------------------------------------------------ the machine
@@ -51,6 +52,26 @@ def _git(*args: str) -> Optional[str]:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
+
+
+def cpu_seconds() -> Optional[tuple[float, float]]:
+    """(CPU seconds the machine has been busy, CPU seconds of this process and its children); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return ((user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
+            own.user + own.system + own.children_user + own.children_system)
+
+
+def other_processes_cores(start: Optional[tuple[float, float]], end: Optional[tuple[float, float]],
+                          wall_seconds: float) -> Optional[float]:
+    """Cores that other processes (and the hypervisor's steal) kept busy on average between two cpu_seconds()."""
+    if start is None or end is None:
+        return None
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / wall_seconds
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -160,6 +181,16 @@ def _kernel_note(entry: dict[str, Any]) -> str:
             + ", ".join(f"{entry['contenders'][r][ratio_key('pilot')].median:.2f}x ({r})" for r in REFERENCES))
 
 
+def _contention(cores: Optional[float]) -> str:
+    if cores is None:
+        return "CPU use of other processes unknown"
+    note = f"other processes kept {cores:.2f} cores busy on average during the run"
+    if cores > NOISY_CORES:
+        note += (" -- CPU timings are unreliable: a busy neighbour stalls every multi-threaded op; rerun on an idle "
+                 "machine or with --threads 1")
+    return note
+
+
 def format_tables(results: dict[str, Any]) -> str:
     env = results["environment"]
     settings = results["settings"]
@@ -167,7 +198,7 @@ def format_tables(results: dict[str, Any]) -> str:
     commit = (env["git_commit"] or "unknown")[:12] + (" (dirty)" if env["git_dirty"] else "")
     lines = [f"pilot bench on {device}",
              f"torch {env['torch']}, triton {env['triton']}, commit {commit}; load average "
-             f"{env['load_average_at_start'][0]:.2f} at start, {env['load_average_at_end'][0]:.2f} at end",
+             f"{env['load_average_at_start'][0]:.2f} at start; {_contention(env['other_processes_cores'])}",
              (f"SGD lr {settings['lr']}, momentum {settings['momentum']}, weight decay {settings['weight_decay']}; "
               f"PILoT alpha {settings['alpha']}, beta {settings['beta']}. Times: median [min, max] of "
               f"{settings['repeats']} interleaved samples; x = paired ratio to {BASELINE} (median [min, max])."), ""]
