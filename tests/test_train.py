@@ -142,6 +142,15 @@ def test_summary_curve_and_plots(finished_runs: dict[str, Path]) -> None:
     assert "epoch 3/3" in (out / "train.log").read_text()
 
 
+def test_the_default_backend_trains_like_the_eager_one(tmp_path: Path, data_root: Path) -> None:
+    """--backend auto (here the Triton kernel in Triton's interpreter) against the eager torch path."""
+    for backend in ("auto", "eager"):
+        assert run(tmp_path / backend, data_root, "--epochs", "1", "--sparsity", "0.9", "--backend", backend) == 0
+    auto, eager = records(tmp_path / "auto")[0], records(tmp_path / "eager")[0]
+    for key in ("train_loss", "test_loss", "l1_norm"):
+        assert auto[key] == pytest.approx(eager[key], rel=1e-5), key
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 def interrupted_at(call: int):
