@@ -181,13 +181,16 @@ def _kernel_note(entry: dict[str, Any]) -> str:
             + ", ".join(f"{entry['contenders'][r][ratio_key('pilot')].median:.2f}x ({r})" for r in REFERENCES))
 
 
-def _contention(cores: Optional[float]) -> str:
+def _contention(env: dict[str, Any]) -> str:
+    cores = env["other_processes_cores"]
     if cores is None:
         return "CPU use of other processes unknown"
     note = f"other processes kept {cores:.2f} cores busy on average during the run"
-    if cores > NOISY_CORES:
+    if env["device"] == "cpu" and env["torch_threads"] > 1 and cores > NOISY_CORES:
         note += (" -- CPU timings are unreliable: a busy neighbour stalls every multi-threaded op; rerun on an idle "
                  "machine or with --threads 1")
+    elif env["device"] == "cpu" and cores + env["torch_threads"] > env["logical_cpus"] + NOISY_CORES:
+        note += " -- CPU timings are unreliable: the cores were oversubscribed"
     return note
 
 
@@ -198,7 +201,7 @@ def format_tables(results: dict[str, Any]) -> str:
     commit = (env["git_commit"] or "unknown")[:12] + (" (dirty)" if env["git_dirty"] else "")
     lines = [f"pilot bench on {device}",
              f"torch {env['torch']}, triton {env['triton']}, commit {commit}; load average "
-             f"{env['load_average_at_start'][0]:.2f} at start; {_contention(env['other_processes_cores'])}",
+             f"{env['load_average_at_start'][0]:.2f} at start; {_contention(env)}",
              (f"SGD lr {settings['lr']}, momentum {settings['momentum']}, weight decay {settings['weight_decay']}; "
               f"PILoT alpha {settings['alpha']}, beta {settings['beta']}. Times: median [min, max] of "
               f"{settings['repeats']} interleaved samples; x = paired ratio to {BASELINE} (median [min, max])."), ""]
