@@ -40,36 +40,39 @@ def _series(history: Sequence[Mapping[str, object]], key: str) -> tuple[list[int
 
 
 def plot_training_curves(history: Sequence[Mapping[str, object]], path: Path, *, title: str = "") -> None:
-    """Loss, accuracy, density and alpha per epoch (one panel each) from the records of metrics.jsonl.
+    """Loss, accuracy, density (with the relative L1 norm where recorded) and alpha per epoch, one panel each,
+    from the records of metrics.jsonl.
 
-    Panels whose metric is absent from every record (alpha of a dense run) say so instead of staying blank.
+    Panels whose metrics are absent from every record (alpha of a dense run) say so instead of staying blank.
     """
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    panels = (
-        (axes[0, 0], "loss", ("train_loss", "val_loss", "test_loss"), False, False),
-        (axes[0, 1], "accuracy", ("train_accuracy", "val_accuracy", "test_accuracy"), False, True),
-        (axes[1, 0], "density (non-zeros of prunable weights)", ("density",), False, True),
-        (axes[1, 1], "alpha", ("alpha",), True, False),
+    splits = ("train", "val", "test")
+    panels = (  # axis, y label, ((record key, legend label), ...), log scale, fractions shown in percent
+        (axes[0, 0], "loss", tuple((f"{s}_loss", s) for s in splits), False, False),
+        (axes[0, 1], "accuracy", tuple((f"{s}_accuracy", s) for s in splits), False, True),
+        # pilot/spred weights shrink towards zero without reaching it: their L1 norm shows the sparsification.
+        (axes[1, 0], "prunable weights", (("density", "density (non-zeros)"), ("l1_relative", "L1 norm / initial")),
+         False, True),
+        (axes[1, 1], "alpha", (("alpha", None),), True, False),
     )
-    for axis, label, keys, log_scale, percent in panels:
-        plotted = False
-        for key in keys:
+    for axis, label, series, log_scale, percent in panels:
+        values_plotted: list[float] = []
+        for key, legend in series:
             epochs, values = _series(history, key)
-            if not epochs:
-                continue
-            split = key.split("_")[0] if "_" in key else None
-            axis.plot(epochs, values, marker="o", markersize=3, label=split)
-            plotted = True
-        if not plotted:
+            if epochs:
+                axis.plot(epochs, values, marker="o", markersize=3, label=legend)
+                values_plotted += values
+        if not values_plotted:
             axis.text(0.5, 0.5, f"no {label} recorded", ha="center", va="center", transform=axis.transAxes)
-        elif log_scale and all(value > 0 for key in keys for value in _series(history, key)[1]):
+        elif log_scale and min(values_plotted) > 0:
             axis.set_yscale("log")
-        if plotted and len(keys) > 1:
+        if any(legend for _, legend in series) and values_plotted:
             axis.legend()
         if percent:
             axis.yaxis.set_major_formatter(PercentFormatter(1.0))
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+    axes[1, 0].set_ylim(0.0, 1.05)  # fractions of the prunable weights
     axes[1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # the x axis is shared
     for axis in axes[1]:
         axis.set_xlabel("epoch")
