@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from .atomic import atomic_write
+
 __all__ = ["plot_training_curves", "plot_one_shot"]
 
 # Sparsity ticks of the one-shot plot (those inside the plotted range are shown).
@@ -25,12 +27,10 @@ _SPARSITY_TICKS = (0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
-    path = Path(path)
-    # Written next to the target and renamed, so that a crash never leaves a truncated PNG behind.
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
-    temporary.replace(path)
+    try:
+        atomic_write(path, lambda file: figure.savefig(file, dpi=120, format="png"), binary=True)
+    finally:
+        plt.close(figure)
 
 
 def _series(history: Sequence[Mapping[str, object]], key: str) -> tuple[list[int], list[float]]:

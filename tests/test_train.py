@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pilot.atomic import atomic_write
 from pilot.evaluate import one_shot_levels
 from pilot.models import build_model
 from pilot.train import loop as train_loop
@@ -166,8 +167,8 @@ def interrupted_at(call: int):
     return train_epoch
 
 
-@pytest.mark.parametrize("extra", [("--val-fraction", "0.25"), ("--cycles", "1", "--rewind", "wr")],
-                         ids=["one-cycle", "wr-across-a-cycle"])
+@pytest.mark.parametrize("extra", [("--val-fraction", "0.25"), ("--cycles", "1", "--rewind", "wr"), ("--cycles", "1")],
+                         ids=["one-cycle", "wr-across-a-cycle", "lrr-across-a-cycle"])
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch,
                                             extra: tuple[str, ...]) -> None:
     args = ("--method", "pilot", "--sparsity", "0.9", *extra)
@@ -181,12 +182,30 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path, mon
     whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "stopped")
     assert_states_equal(whole["model"], resumed["model"], "model")
     assert_states_equal(whole["method"]["optimizer"]["state"], resumed["method"]["optimizer"]["state"], "optimizer")
+    if "--cycles" in extra:  # the second cycle trains with 20% of the weights pruned, and they stay pruned
+        assert records(tmp_path / "whole")[-1]["density"] == pytest.approx(0.8, abs=1e-4)
     strip = ("seconds", "eval_seconds")
     assert [{k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "whole")] == \
            [{k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "stopped")]
 
 
 # ---------------------------------------------------------------------------------------------- run directory
+
+def test_a_failed_write_leaves_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def crash(file: object) -> None:
+        file.write("half of the new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash, binary=False)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    atomic_write(path, lambda file: file.write("new"), binary=False)
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
 
 def test_an_existing_run_is_never_overwritten_silently(tmp_path: Path, data_root: Path,
                                                        capsys: pytest.CaptureFixture) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
+
+from pilot.atomic import atomic_write
 
 from .config import Config
 
@@ -39,25 +39,6 @@ class RunDirError(RunError):
 
 def pruned_model_name(sparsity: float) -> str:
     return f"pruned-{100 * sparsity:g}.pt"
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, flush it to disk, then rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a truncated mix: the rename is atomic
-    on POSIX file systems because the temporary file lives in the same directory.
-    """
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_torch(obj: Any, path: Path) -> None:
