@@ -163,10 +163,13 @@ def test_missing_fashion_mnist_lists_every_place_and_how_to_get_it(tmp_path, no_
     with pytest.raises(FileNotFoundError) as error:
         load_datasets("fashion-mnist", tmp_path)
     message = str(error.value)
-    for place in (tmp_path, tmp_path / "FashionMNIST" / "raw", tmp_path / "fashion-mnist", no_system_fashion_mnist):
+    for place in (tmp_path, tmp_path / "FashionMNIST" / "raw", tmp_path / "fashion-mnist"):
         assert f"{place}:" in message
+    assert f"{no_system_fashion_mnist}:" not in message  # an explicit root never falls back to another copy
     assert "missing train-labels-idx1-ubyte[.gz]" in message
     assert "apt-get install dataset-fashion-mnist" in message and "--data-root" in message
+    with pytest.raises(FileNotFoundError, match=f"{no_system_fashion_mnist}: no such directory"):
+        load_datasets("fashion-mnist")  # without a root: the system copy is where it looks
 
 
 @pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist package not installed")
@@ -452,13 +455,26 @@ def test_augmented_epochs_reproduce_given_the_documented_rng_state(small_cifar):
     assert torch.equal(labels, expected_labels) and torch.equal(images, expected_images)
 
 
+def test_resumed_epoch_with_workers_augments_as_the_uninterrupted_one(small_cifar):
+    """Worker seeds are drawn from the loader's generator at every epoch, so its saved state is enough."""
+    bundle = load_datasets("cifar10", small_cifar, augment=True)
+    loader, _ = make_loaders(bundle, batch_size=16, num_workers=2, seed=0)
+    epoch(loader)
+    saved_generator = loader.generator.get_state()
+    expected_images, expected_labels = epoch(loader)
+    resumed, _ = make_loaders(bundle, batch_size=16, num_workers=2, seed=123)
+    resumed.generator.set_state(saved_generator)
+    images, labels = epoch(resumed)
+    assert torch.equal(labels, expected_labels) and torch.equal(images, expected_images)
+
+
 def test_worker_augmentation_is_reproducible_from_the_seed(small_cifar):
     bundle = load_datasets("cifar10", small_cifar, augment=True)
     runs = []
     for global_seed in (1, 2):  # worker seeds come from the loader's generator, not the global RNG
         torch.manual_seed(global_seed)
         loader, test_loader = make_loaders(bundle, batch_size=16, num_workers=2, seed=5)
-        assert loader.persistent_workers and test_loader.persistent_workers
+        assert not loader.persistent_workers and test_loader.persistent_workers  # see make_loaders
         runs.append(epoch(loader))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 

@@ -2,11 +2,12 @@
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pilot.atomic import atomic_write
 
 CACHE_ENV_VAR = "PILOT_CACHE"
 
@@ -24,17 +25,10 @@ def cache_key(*parts: object) -> str:
 
 
 def save_atomically(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in ``path``'s directory, then ``os.replace`` it into place.
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`pilot.atomic.atomic_write`).
 
     Readers therefore see either no file or a complete one, even if this process is killed
     mid-write or several processes fill the same cache entry at once.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as temp_file:
-            torch.save(obj, temp_file)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: torch.save(obj, file), binary=True)

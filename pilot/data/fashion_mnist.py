@@ -1,8 +1,9 @@
 """Fashion-MNIST (Xiao et al. 2017) from its idx files: 60,000 train / 10,000 test 28x28 grayscale images.
 
-Search order for the four files (each raw or ``.gz``): ``root`` itself (or its directory if
-``root`` is one of the files), ``root/FashionMNIST/raw`` (torchvision's layout),
-``root/fashion-mnist``, then :data:`SYSTEM_DIRS` (Debian's ``dataset-fashion-mnist`` package).
+Search order for the four files (each raw or ``.gz``): with a ``root``, ``root`` itself (or its
+directory if ``root`` is one of the files), ``root/FashionMNIST/raw`` (torchvision's layout) and
+``root/fashion-mnist`` -- only those, so a mistyped root is an error rather than a silent switch to
+another copy; without a ``root``, :data:`SYSTEM_DIRS` (Debian's ``dataset-fashion-mnist`` package).
 
 Augmentation (``augment=True``): random 28x28 crop of the image zero-padded by 2, and a random
 horizontal flip -- clothes are left-right symmetric, so a flip keeps the label (unlike digits).
@@ -31,14 +32,12 @@ CROP_PADDING = 2
 
 def candidate_dirs(root: str | Path | None) -> list[Path]:
     """Directories searched for the idx files, in order, without duplicates."""
-    candidates: list[Path] = []
-    if root is not None:
-        base = Path(root).expanduser()
-        if base.is_file():
-            base = base.parent
-        candidates += [base, base / "FashionMNIST" / "raw", base / "fashion-mnist"]
-    candidates += SYSTEM_DIRS
-    return list(dict.fromkeys(candidates))
+    if root is None:
+        return list(SYSTEM_DIRS)
+    base = Path(root).expanduser()
+    if base.is_file():
+        base = base.parent
+    return [base, base / "FashionMNIST" / "raw", base / "fashion-mnist"]
 
 
 def find_idx_files(root: str | Path | None) -> dict[str, Path]:

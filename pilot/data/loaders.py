@@ -18,7 +18,9 @@ def make_loaders(
 
     The train loader reshuffles every epoch using its own ``torch.Generator`` seeded with ``seed``
     (``train_loader.generator``); the test loader keeps dataset order. Memory is pinned when
-    ``device`` is a CUDA device, and workers persist across epochs when ``num_workers > 0``.
+    ``device`` is a CUDA device. The test loader's workers persist across epochs; the train loader's
+    do not, because persistent workers draw their random seeds once, at the first epoch, so a run
+    resumed later would augment differently from one that never stopped.
 
     A train batch that would hold a single example is dropped: BatchNorm cannot normalise it.
 
@@ -38,7 +40,6 @@ def make_loaders(
     if len(bundle.train) == 0:
         raise ValueError(f"{bundle.name}: the train split is empty")
     pin_memory = torch.device(device).type == "cuda"
-    persistent_workers = num_workers > 0
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(
         bundle.train,
@@ -47,7 +48,6 @@ def make_loaders(
         generator=generator,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=persistent_workers,
         drop_last=len(bundle.train) % batch_size == 1,
     )
     test_loader = DataLoader(
@@ -56,6 +56,6 @@ def make_loaders(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=persistent_workers,
+        persistent_workers=num_workers > 0,
     )
     return train_loader, test_loader

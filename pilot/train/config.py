@@ -249,8 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="FusedPILoTSGD backend (pilot/spred): auto = Triton on CUDA, torch.compile on CPU")
     run.add_argument("--workers", type=_non_negative_int, metavar="N",
-                     help="DataLoader worker processes (default: 0 on CPU, min(8, CPUs) on CUDA); --resume is "
-                          "bit-exact only with 0, as persistent workers' augmentation RNG is not checkpointed")
+                     help="DataLoader worker processes (default: 0 on CPU, min(8, CPUs) on CUDA)")
     run.add_argument("--out", metavar="DIR", help="run directory (default: runs/<method>-<model>-<data>-seed<seed>)")
     existing = run.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
