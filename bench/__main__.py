@@ -51,7 +51,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="training batch size for every model (N) or one model (MODEL=N); defaults per device: "
                              + "; ".join(f"{d}: " + ", ".join(f"{m}={n}" for m, n in sizes.items())
                                          for d, sizes in DEFAULT_BATCH_SIZES.items()))
-    parser.add_argument("--repeats", type=int, help="interleaved timing samples per contender (default 10)")
+    parser.add_argument("--repeats", type=int, help="interleaved timing samples per contender (default 20)")
     parser.add_argument("--traffic-models", nargs="*", choices=MODEL_NAMES,
                         help="models whose fused kernel is counted in Triton's interpreter, which takes about "
                              "5 s per million parameters (default: resnet20); the torch paths are counted for "
@@ -89,7 +89,7 @@ def settings_from(args: argparse.Namespace) -> suite.Settings:
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.quick else 10)
+    repeats = args.repeats or (3 if args.quick else 20)
     if repeats < 1:
         raise SystemExit("--repeats must be >= 1")
     return suite.Settings(device, models, batch_sizes(args.batch_size, models, device.type, args.quick), repeats,
