@@ -554,7 +554,7 @@ class FusedPILoTSGD(Optimizer):
             elif work and not self._run_torch(bucket, work, hypers, grad_scale, found_inf):
                 continue  # skipped (GradScaler found inf): nothing happened
             for e in stepped:
-                if self.param_groups[e.group]["momentum"] != 0:
+                if self.state[e.param][e.buffer_keys[0]] is None and self.param_groups[e.group]["momentum"] != 0:
                     self._expose_buffers(bucket, e)
                 e.version = _local(e.param)._version
         return loss
@@ -605,8 +605,9 @@ class FusedPILoTSGD(Optimizer):
     def _launch(self, bucket: _Bucket, work: list[tuple[_Entry, Tensor, int]], hypers: tuple[tuple[float, ...], ...],
                 grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         device = bucket.device
-        rows = tuple((_local(e.param).data_ptr(), grad.data_ptr(), e.numel, e.m_offset, e.w_offset, e.buf_m_offset,
-                      e.buf_w_offset, flags, e.group, e.slot) for e, grad, flags in work)
+        # e.data_ptr is the parameter's current address: step() has just run _sync()
+        rows = tuple((e.data_ptr, grad.data_ptr(), e.numel, e.m_offset, e.w_offset, e.buf_m_offset, e.buf_w_offset,
+                      flags, e.group, e.slot) for e, grad, flags in work)
         if bucket.tensor_table[0] != rows:
             bucket.tensor_table = (rows, self._upload(device, lambda: torch.tensor(rows, dtype=torch.int64)))
         self._update_hyper_table(bucket, hypers)
