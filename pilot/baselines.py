@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .optim import FusedPILoTSGD, _check_number
+from .optim import FusedPILoTSGD, check_number
 
 __all__ = ["spred_optimizer", "ProxSGD", "soft_threshold", "lasso_param_groups", "SoftThreshold", "to_str_model",
            "str_param_groups", "remove_str_", "STR_MODULES"]
@@ -59,7 +59,7 @@ class ProxSGD(torch.optim.SGD):
     def __init__(self, params: Params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *, l1: float = 0.0,
                  **sgd_options: Any) -> None:
-        _check_number("l1", l1)
+        check_number("l1", l1)
         self._default_l1 = l1  # read by add_param_group while SGD.__init__ runs, before defaults has "l1"
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, **sgd_options)
@@ -67,7 +67,7 @@ class ProxSGD(torch.optim.SGD):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault("l1", self._default_l1)
-        _check_number("l1", param_group["l1"])
+        check_number("l1", param_group["l1"])
         super().add_param_group(param_group)
 
     def step(self, closure: Any = None) -> Any:

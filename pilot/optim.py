@@ -147,7 +147,9 @@ def _shard_groups(p: Tensor) -> tuple[Any, ...]:
     return tuple(p.device_mesh.get_group(dim) for dim, placement in enumerate(p.placements) if placement.is_shard())
 
 
-def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
+def check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
+    """Raise TypeError unless value is a number (or one-element tensor), ValueError unless it is finite, >= minimum
+    and within fp32 range; the message names the argument. Shared by the optimizer, schedules and baselines."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name} value: a tensor {name} must have one element, got shape "
@@ -163,10 +165,10 @@ def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
 
 def _check_group(group: dict[str, Any]) -> None:
     for name in ("lr", "momentum", "weight_decay", "alpha"):
-        _check_number(name, group[name])
-    _check_number("dampening", group["dampening"], minimum=-math.inf)
+        check_number(name, group[name])
+    check_number("dampening", group["dampening"], minimum=-math.inf)
     check_beta(group["beta"])
-    _check_number("beta", group["beta"])
+    check_number("beta", group["beta"])
     for name in ("nesterov", "maximize"):
         if not isinstance(group[name], bool):
             raise TypeError(f"Invalid {name} value: expected a bool, got {group[name]!r}")

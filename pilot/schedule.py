@@ -24,7 +24,7 @@ from typing import Any, Callable
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .optim import _check_number
+from .optim import check_number
 
 __all__ = ["PILoTSchedule", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha",
            "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups", "set_group_value"]
@@ -106,8 +106,8 @@ class PILoTSchedule(AlphaScheduler):
 
     def __init__(self, optimizer: Optimizer, *, factor: float, l1_threshold: float, total: int,
                  relative_threshold: bool = False) -> None:
-        _check_number("factor", factor, minimum=1.0)  # alpha is multiplied or divided by it
-        _check_number("l1_threshold", l1_threshold)
+        check_number("factor", factor, minimum=1.0)  # alpha is multiplied or divided by it
+        check_number("l1_threshold", l1_threshold)
         if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
             raise ValueError(f"Invalid total value: {total!r} (need an int > 0, the number of step() calls)")
         if not isinstance(relative_threshold, bool):
@@ -180,7 +180,7 @@ class GeometricAlpha(_FixedAlpha):
     r""":math:`\alpha_k = \alpha_0 \cdot r^k` (the paper uses r = 0.95), with ``rate`` r in (0, 1]."""
 
     def __init__(self, optimizer: Optimizer, rate: float = 0.95) -> None:
-        _check_number("rate", rate)
+        check_number("rate", rate)
         if not 0 < rate <= 1:
             raise ValueError(f"Invalid rate value: {rate!r} (need 0 < rate <= 1)")
         self.rate = float(rate)
