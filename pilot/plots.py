@@ -1,4 +1,4 @@
-"""PNG plots of a training run: the curves per epoch and the one-shot pruning curve.
+"""PNG plots of a training run: the curves per epoch, the one-shot pruning curve and the per-layer density.
 
 ``python -m pilot.plots OUT.png RUN_DIR [RUN_DIR ...]`` draws the one-shot curves of several runs together.
 
@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from .atomic import atomic_write
 
-__all__ = ["plot_training_curves", "plot_one_shot"]
+__all__ = ["plot_training_curves", "plot_one_shot", "plot_layer_density"]
 
 # Sparsity ticks of the one-shot plot (those inside the plotted range are shown).
 _SPARSITY_TICKS = (0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
@@ -40,8 +40,8 @@ def _series(history: Sequence[Mapping[str, object]], key: str) -> tuple[list[int
 
 
 def plot_training_curves(history: Sequence[Mapping[str, object]], path: Path, *, title: str = "") -> None:
-    """Loss, accuracy, density (with the relative L1 norm where recorded) and alpha per epoch, one panel each,
-    from the records of metrics.jsonl.
+    """Loss, accuracy, density (with the relative L1 norm and the effective density where recorded) and alpha per
+    epoch, one panel each, from the records of metrics.jsonl.
 
     Panels whose metrics are absent from every record (alpha of a dense run) say so instead of staying blank.
     """
@@ -51,8 +51,8 @@ def plot_training_curves(history: Sequence[Mapping[str, object]], path: Path, *,
         (axes[0, 0], "loss", tuple((f"{s}_loss", s) for s in splits), False, False),
         (axes[0, 1], "accuracy", tuple((f"{s}_accuracy", s) for s in splits), False, True),
         # pilot/spred weights shrink towards zero without reaching it: their L1 norm shows the sparsification.
-        (axes[1, 0], "prunable weights", (("density", "density (non-zeros)"), ("l1_relative", "L1 norm / initial")),
-         False, True),
+        (axes[1, 0], "prunable weights", (("density", "density (non-zeros)"), ("l1_relative", "L1 norm / initial"),
+                                          ("effective_density", "effective density")), False, True),
         (axes[1, 1], "alpha", (("alpha", None),), True, False),
     )
     for axis, label, series, log_scale, percent in panels:
@@ -105,6 +105,44 @@ def plot_one_shot(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Pat
     axis.set_ylabel(f"{split} accuracy after one-shot pruning (%)")
     axis.grid(alpha=0.3)
     axis.legend()
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+# Where a layer with no weight left is drawn on the log axis of plot_layer_density.
+_COLLAPSED = 1e-4
+
+
+def plot_layer_density(layers_by_level: Mapping[float, Sequence[Mapping[str, object]]], path: Path, *,
+                       title: str = "") -> None:
+    """Density (fraction of weights kept) of each prunable layer after one-shot pruning, one line per sparsity.
+
+    ``layers_by_level`` maps a target sparsity to its layers in model order, each ``{"name", "zeros", "total"}``
+    (the per-layer rows of summary.json). The y axis is logarithmic; a layer with no weight left (layer collapse,
+    which cuts the network) is drawn at the bottom with a red cross, so it is visible at a glance.
+    """
+    figure, axis = plt.subplots(figsize=(max(7.0, 0.35 * max((len(v) for v in layers_by_level.values()),
+                                                               default=0)), 4.8))
+    names: list[str] = []
+    for level, layers in sorted(layers_by_level.items()):
+        names = [str(layer["name"]).removesuffix(".weight") for layer in layers]
+        densities = [1.0 - int(layer["zeros"]) / int(layer["total"]) for layer in layers]
+        xs = range(len(densities))
+        axis.plot(xs, [max(d, _COLLAPSED) for d in densities], marker="o", markersize=3,
+                  label=f"{100 * level:g}% sparsity")
+        collapsed = [x for x, d in zip(xs, densities) if d == 0.0]
+        axis.plot(collapsed, [_COLLAPSED] * len(collapsed), "x", color="red", markersize=9, markeredgewidth=2,
+                  label="no weight left" if collapsed and "no weight left" not in
+                  [line.get_label() for line in axis.lines] else None)
+    axis.set_yscale("log")
+    axis.set_ylim(_COLLAPSED / 2, 1.5)
+    axis.yaxis.set_major_formatter(PercentFormatter(1.0))
+    axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axis.set_ylabel("density of the layer after pruning")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     if title:
         axis.set_title(title)
     figure.tight_layout()

@@ -24,8 +24,9 @@ from torch.optim import Optimizer
 
 from .optim import FusedPILoTSGD
 
-__all__ = ["prune_", "apply_masks_", "prunable_parameters", "pruning_masks", "keep_mask", "sparsity_report",
-           "SparsityReport", "LayerSparsity", "export_masks", "export_sparse", "to_torch_prune", "SCOPES"]
+__all__ = ["prune_", "apply_masks_", "prunable_parameters", "named_prunable_weights", "pruning_masks", "keep_mask",
+           "sparsity_report", "SparsityReport", "LayerSparsity", "export_masks", "export_sparse", "to_torch_prune",
+           "SCOPES"]
 
 SCOPES = ("global", "layer")
 Select = Callable[[str, Tensor], bool]
@@ -177,9 +178,10 @@ def apply_masks_(model: nn.Module, masks: dict[str, Tensor], optimizer: Optional
 
 # ---------------------------------------------------------------------------------------------- report and export
 
-def _named_weights(model: nn.Module, select: Optional[Select]) -> list[tuple[str, Tensor]]:
-    """(name, tensor) of the selected parameters; a parametrised weight (e.g. STR, pilot.reference) is reported
-    by its effective value ``module.<name>`` under its plain name, not by its originals."""
+def named_prunable_weights(model: nn.Module, select: Optional[Select] = None) -> list[tuple[str, Tensor]]:
+    """(name, detached tensor) of the selected parameters (default: the prunable ones, ``ndim >= 2``); a
+    parametrised weight (e.g. STR, pilot.reference) is reported by its effective value ``module.<name>`` under its
+    plain name, not by its originals."""
     select = select or _default_selection
     weights = []
     for module_name, module in model.named_modules():
@@ -240,13 +242,13 @@ def sparsity_report(model: nn.Module, select: Optional[Select] = None) -> Sparsi
     """Zeros / total / sparsity of each selected weight (default: ``ndim >= 2``, the prunable conv and linear
     weights) and globally. ``select(name, tensor)`` picks others, e.g. ``lambda n, t: True`` for everything."""
     return SparsityReport(tuple(LayerSparsity(name, int((t == 0).sum()), t.numel())
-                                for name, t in _named_weights(model, select)))
+                                for name, t in named_prunable_weights(model, select)))
 
 
 def export_masks(model: nn.Module, select: Optional[Select] = None) -> dict[str, Tensor]:
     """``{"<module>.<name>_mask": mask}`` of the selected weights, in ``torch.nn.utils.prune``'s form: the buffer
     name it registers, the weight's dtype, 1 where the weight is kept (non-zero) and 0 where it is zero."""
-    return {f"{name}_mask": (t != 0).to(t.dtype) for name, t in _named_weights(model, select)}
+    return {f"{name}_mask": (t != 0).to(t.dtype) for name, t in named_prunable_weights(model, select)}
 
 
 def export_sparse(model: nn.Module, select: Optional[Select] = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

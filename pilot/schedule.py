@@ -5,8 +5,8 @@ least one factorised parameter) and touch nothing else, so they compose with tor
 ``group["lr"]``. Like those, they have ``step()``, ``state_dict()`` and ``load_state_dict()``; the optimizer's own
 state dict carries the current alphas.
 
-- :class:`PILoTSchedule`: the paper's dynamic schedule (Algorithm 1), driven by the training accuracy and
-  :meth:`FusedPILoTSGD.l1_norm`.
+- :class:`PILoTSchedule`: the paper's dynamic schedule (Algorithm 1), driven by the training accuracy and a
+  sparsity signal (the paper's L1 norm, or :func:`effective_density`, which BatchNorm cannot fool).
 - :class:`ConstantAlpha`, :class:`HarmonicAlpha`, :class:`QuadraticAlpha`, :class:`GeometricAlpha`: the fixed
   schedules of the paper's diagonal-network experiment, :math:`\alpha_k = \alpha_0 \cdot f(k)` after k calls of
   ``step()``; :func:`alpha_schedule` builds one by name.
@@ -19,14 +19,14 @@ removes the explicit shrinkage :math:`-2\alpha_t x`, so the limit is unbiased.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Optional
 
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .optim import check_number
 
-__all__ = ["PILoTSchedule", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha",
+__all__ = ["PILoTSchedule", "SIGNALS", "effective_density", "factorised_weights", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha",
            "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups", "set_group_value"]
 
 
@@ -79,56 +79,121 @@ class AlphaScheduler:
         self.__dict__.update(state_dict)
 
 
+SIGNALS = ("l1", "effective-density")
+
+
+def effective_density(tensors: Iterable[Tensor]) -> float:
+    r"""How dense the tensors are, measured so that rescaling any of them changes nothing.
+
+    Each tensor x with n entries gets :math:`d(x) = \frac{\pi}{2} \cdot \frac{\lVert x \rVert_1^2}{n \lVert x
+    \rVert_2^2}` (0 for an all-zero tensor), and the result is the mean of d weighted by n. The ratio
+    :math:`\lVert x \rVert_1^2 / \lVert x \rVert_2^2` is the classic "effective number of non-zeros" (it is k
+    for k equal non-zeros); the factor :math:`\pi/2` makes a Gaussian tensor count as fully dense, so d is 1 at a
+    Kaiming-normal initialisation, and a tensor whose mass sits on a fraction p of Gaussian entries (the rest 0
+    or negligible) has d = p.
+
+    Why not the L1 norm: a weight that feeds a BatchNorm can shrink uniformly at no cost to the loss, so weight
+    decay drives its L1 norm towards 0 while every entry stays equally large relative to the others: the L1 norm
+    then measures shrinkage, not sparsity. d is invariant to the scale of each tensor and falls only when the
+    mass concentrates on fewer entries, which is what magnitude pruning needs.
+    """
+    weighted, total = 0.0, 0
+    for x in tensors:
+        n = x.numel()
+        if n == 0:
+            continue
+        x = x.detach().float()
+        l2 = float(x.square().sum())
+        if l2 > 0:
+            weighted += (math.pi / 2) * float(x.abs().sum()) ** 2 / l2
+        total += n
+    return weighted / total if total else 0.0
+
+
+def factorised_weights(optimizer: Optimizer) -> list[Tensor]:
+    """The factorised parameters of ``optimizer`` (they hold x = m * w)."""
+    return [p for group in factorised_groups(optimizer) for p in group["params"] if "m" in optimizer.state[p]]
+
+
 class PILoTSchedule(AlphaScheduler):
-    r"""The paper's dynamic alpha schedule (Algorithm 1), one :meth:`step` per epoch (or any unit).
+    r"""The paper's dynamic alpha schedule (Algorithm 1), one :meth:`step` per epoch or per optimizer step.
 
     After the k-th call (k = 1, 2, ...) with the training accuracy :math:`a_k`, with :math:`a_0 = 0`:
 
     .. math::
         \alpha \leftarrow \begin{cases} \alpha \cdot \delta & \text{if } a_k \ge a_{k-1},\
-            \lVert m \odot w \rVert_1 \ge K \text{ and } k \le T/2 \\
+            s \ge K \text{ and } k \le T/2 \\
             \alpha / \delta & \text{otherwise} \end{cases}
 
-    on every factorised group, with :math:`\delta` = ``factor``, K = the threshold and T = ``total``. So alpha
-    grows while the accuracy holds and the weights are not yet sparse enough, and always decays in the second
-    half (so :math:`\alpha_t \to 0`). ``factor = 1`` keeps alpha constant (with beta = 0 that is spred).
+    on every factorised group, with :math:`\delta` = ``factor``, s the sparsity signal, K its threshold and T =
+    ``total``. So alpha grows while the accuracy holds and the weights are not yet sparse enough, and always
+    decays in the second half (so :math:`\alpha_t \to 0`). ``factor = 1`` keeps alpha constant (with beta = 0
+    that is spred).
+
+    Granularity: the paper updates alpha after each epoch in its Algorithm 1 and describes the rule per
+    "gradient update step" in its prose. Both work here: call :meth:`step` once per epoch with T = epochs, or
+    after every optimizer step with T = total steps, a ``factor`` close to 1 (the per-epoch factor to the power
+    1 / steps per epoch moves alpha as fast) and a running training accuracy (a single batch's accuracy rises or
+    falls by chance, so alpha would random-walk).
+
+    The sparsity signal s (``signal``):
+
+    - ``"l1"`` (the paper's): :math:`\lVert m \odot w \rVert_1` over the factorised weights.
+    - ``"effective-density"``: :func:`effective_density` of the factorised weights, 1 at a Gaussian init and p
+      when the mass sits on a fraction p of the entries. Scale-invariant per tensor, so BatchNorm cannot fool it
+      (a layer that shrinks uniformly keeps its value); K is then a density such as 0.1.
 
     Args:
         optimizer: a :class:`pilot.FusedPILoTSGD` (anything with ``l1_norm()`` and factorised groups).
         factor: :math:`\delta \ge 1`.
-        l1_threshold: K, an absolute L1 norm, or with ``relative_threshold=True`` a fraction of the L1 norm
-            :math:`\lVert m \odot w \rVert_1` at construction (users rarely know absolute norms).
-        total: T, the number of :meth:`step` calls planned (e.g. epochs).
-        relative_threshold: read ``l1_threshold`` as a fraction of the initial L1 norm.
+        threshold: K in the units of the signal, or with ``relative_threshold=True`` a fraction of the signal's
+            value at construction (users rarely know absolute L1 norms).
+        total: T, the number of :meth:`step` calls planned (epochs or optimizer steps).
+        signal: ``"l1"`` or ``"effective-density"``.
+        relative_threshold: read ``threshold`` as a fraction of the signal at construction.
 
-    ``threshold`` holds the absolute K in use; ``k`` the number of calls so far.
+    ``threshold`` holds the absolute K in use; ``k`` the number of calls so far; ``last_signal`` the signal's
+    value at the last call that needed it (None before).
     """
 
-    def __init__(self, optimizer: Optimizer, *, factor: float, l1_threshold: float, total: int,
+    def __init__(self, optimizer: Optimizer, *, factor: float, threshold: float, total: int, signal: str = "l1",
                  relative_threshold: bool = False) -> None:
         check_number("factor", factor, minimum=1.0)  # alpha is multiplied or divided by it
-        check_number("l1_threshold", l1_threshold)
+        check_number("threshold", threshold)
         if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
             raise ValueError(f"Invalid total value: {total!r} (need an int > 0, the number of step() calls)")
+        if signal not in SIGNALS:
+            raise ValueError(f"Invalid signal value: {signal!r} (need one of {', '.join(SIGNALS)})")
         if not isinstance(relative_threshold, bool):
             raise TypeError(f"Invalid relative_threshold value: expected a bool, got {relative_threshold!r}")
-        if not callable(getattr(optimizer, "l1_norm", None)):
+        if signal == "l1" and not callable(getattr(optimizer, "l1_norm", None)):
             raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} has no l1_norm(); PILoTSchedule needs "
                             "pilot.FusedPILoTSGD")
         super().__init__(optimizer)
-        self.factor, self.total = float(factor), total
-        self.threshold = float(l1_threshold) * (optimizer.l1_norm() if relative_threshold else 1.0)
+        self.factor, self.total, self.signal = float(factor), total, signal
+        self.threshold = float(threshold) * (self.measure() if relative_threshold else 1.0)
         self.k = 0
         self.previous_accuracy = 0.0
+        self.last_signal: Optional[float] = None
+
+    def measure(self) -> float:
+        """The sparsity signal of the weights as they are now."""
+        if self.signal == "l1":
+            return float(self.optimizer.l1_norm())
+        return effective_density(factorised_weights(self.optimizer))
 
     def step(self, train_accuracy: float) -> list[float]:
-        """Apply the rule after one epoch with this training accuracy; returns the new alphas."""
+        """Apply the rule after one epoch (or optimizer step) with this training accuracy; returns the alphas."""
         if isinstance(train_accuracy, bool) or not isinstance(train_accuracy, (int, float)) \
                 or math.isnan(train_accuracy):
             raise ValueError(f"Invalid train_accuracy value: {train_accuracy!r} (need a number)")
         self.k += 1
-        grow = (train_accuracy >= self.previous_accuracy and self.optimizer.l1_norm() >= self.threshold
-                and self.k <= self.total / 2)
+        # The signal is measured only when the other conditions hold: per optimizer step it costs a pass over
+        # the weights (and a device sync), which the second half and falling accuracies do not need.
+        grow = train_accuracy >= self.previous_accuracy and self.k <= self.total / 2
+        if grow:
+            self.last_signal = self.measure()
+            grow = self.last_signal >= self.threshold
         self.previous_accuracy = float(train_accuracy)
         scale = self.factor if grow else 1.0 / self.factor
         self._set_alphas([float(group["alpha"]) * scale for group in factorised_groups(self.optimizer)])

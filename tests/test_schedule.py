@@ -2,10 +2,13 @@
 state dicts, composition with torch LR schedulers and argument checks."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
+from pilot.schedule import effective_density
 from pilot import (ConstantAlpha, FusedPILoTSGD, GeometricAlpha, HarmonicAlpha, PILoTSchedule, QuadraticAlpha,
                    alpha_schedule)
 
@@ -29,7 +32,7 @@ def scripted_l1(monkeypatch: pytest.MonkeyPatch, schedule: PILoTSchedule, values
 
 def test_algorithm_1_on_scripted_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
     optimizer = make_optimizer()
-    schedule = PILoTSchedule(optimizer, factor=2.0, l1_threshold=1.0, total=10)
+    schedule = PILoTSchedule(optimizer, factor=2.0, threshold=1.0, total=10)
     # k:          1     2      3     4     5     6 (> total/2)
     accuracy = [0.50, 0.40, 0.60, 0.60, 0.70, 0.80]
     l1 = [2.0, 2.0, 0.5, 1.0, 3.0, 3.0]
@@ -48,7 +51,7 @@ def test_algorithm_1_on_scripted_sequences(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_first_step_compares_with_zero_accuracy(monkeypatch: pytest.MonkeyPatch) -> None:
     optimizer = make_optimizer()
-    schedule = PILoTSchedule(optimizer, factor=3.0, l1_threshold=0.0, total=2)
+    schedule = PILoTSchedule(optimizer, factor=3.0, threshold=0.0, total=2)
     scripted_l1(monkeypatch, schedule, [1.0, 1.0])
     assert schedule.step(0.0)[0] == pytest.approx(3 * ALPHA)  # 0 >= 0, k = 1 <= 1
     assert schedule.step(1.0)[0] == pytest.approx(ALPHA)  # k = 2 > total / 2
@@ -58,7 +61,7 @@ def test_relative_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     optimizer = make_optimizer()
     initial = optimizer.l1_norm()
     assert initial > 0
-    schedule = PILoTSchedule(optimizer, factor=2.0, l1_threshold=0.25, total=100, relative_threshold=True)
+    schedule = PILoTSchedule(optimizer, factor=2.0, threshold=0.25, total=100, relative_threshold=True)
     assert schedule.threshold == pytest.approx(0.25 * initial)
     scripted_l1(monkeypatch, schedule, [0.3 * initial, 0.2 * initial])
     assert schedule.step(0.5)[0] == pytest.approx(2 * ALPHA)  # 0.3 of the initial norm >= 0.25
@@ -67,13 +70,13 @@ def test_relative_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_state_dict_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = make_optimizer(), make_optimizer()
-    schedule = PILoTSchedule(first, factor=2.0, l1_threshold=0.1, total=8)
+    schedule = PILoTSchedule(first, factor=2.0, threshold=0.1, total=8)
     scripted_l1(monkeypatch, schedule, [1.0] * 4)
     for acc in (0.3, 0.5, 0.4):
         schedule.step(acc)
     state = schedule.state_dict()
     assert "optimizer" not in state
-    restored = PILoTSchedule(second, factor=5.0, l1_threshold=9.0, total=1)
+    restored = PILoTSchedule(second, factor=5.0, threshold=9.0, total=1)
     restored.load_state_dict(state)
     second.load_state_dict(first.state_dict())  # the optimizer's state carries the alphas
     assert (restored.k, restored.previous_accuracy, restored.threshold, restored.factor, restored.total) == \
@@ -115,11 +118,12 @@ def test_fixed_schedules(name: str, multiplier) -> None:
 
 
 @pytest.mark.parametrize("kwargs, argument", [
-    (dict(factor=0.5, l1_threshold=1.0, total=10), "factor"),
-    (dict(factor=float("inf"), l1_threshold=1.0, total=10), "factor"),
-    (dict(factor=2.0, l1_threshold=-1.0, total=10), "l1_threshold"),
-    (dict(factor=2.0, l1_threshold=1.0, total=0), "total"),
-    (dict(factor=2.0, l1_threshold=1.0, total=2.5), "total"),
+    (dict(factor=0.5, threshold=1.0, total=10), "factor"),
+    (dict(factor=float("inf"), threshold=1.0, total=10), "factor"),
+    (dict(factor=2.0, threshold=-1.0, total=10), "threshold"),
+    (dict(factor=2.0, threshold=1.0, total=10, signal="l2"), "signal"),
+    (dict(factor=2.0, threshold=1.0, total=0), "total"),
+    (dict(factor=2.0, threshold=1.0, total=2.5), "total"),
 ])
 def test_pilot_schedule_rejects_bad_arguments(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
@@ -133,13 +137,13 @@ def test_bad_arguments_elsewhere() -> None:
     with pytest.raises(ValueError, match="schedule name"):
         alpha_schedule("cosine", optimizer)
     with pytest.raises(ValueError, match="train_accuracy"):
-        PILoTSchedule(optimizer, factor=2.0, l1_threshold=0.0, total=4).step(float("nan"))
+        PILoTSchedule(optimizer, factor=2.0, threshold=0.0, total=4).step(float("nan"))
     dense = FusedPILoTSGD(nn.Linear(2, 2).parameters(), reparam=False, backend="eager")
     with pytest.raises(ValueError, match="no factorised parameter"):
         ConstantAlpha(dense)
     with pytest.raises(TypeError, match="l1_norm"):
         PILoTSchedule(torch.optim.SGD([{"params": [nn.Parameter(torch.ones(2, 2))], "alpha": 0.1}], lr=0.1),
-                      factor=2.0, l1_threshold=0.0, total=4)
+                      factor=2.0, threshold=0.0, total=4)
 
 
 def test_tensor_alpha_is_updated_in_place() -> None:
@@ -149,3 +153,47 @@ def test_tensor_alpha_is_updated_in_place() -> None:
     schedule = HarmonicAlpha(optimizer)
     schedule.step()
     assert optimizer.param_groups[0]["alpha"] is alpha and alpha.item() == pytest.approx(0.02)
+
+
+def test_effective_density_counts_the_entries_that_carry_the_mass() -> None:
+    generator = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(200_000, generator=generator)
+    assert effective_density([gaussian]) == pytest.approx(1.0, abs=0.01)
+    sparse = gaussian.clone()
+    sparse[20_000:] = 0  # 10% of the entries keep their Gaussian values
+    assert effective_density([sparse]) == pytest.approx(0.1, abs=0.002)
+    k_equal = torch.zeros(1000)
+    k_equal[:50] = -3.0  # k equal non-zeros: (pi / 2) * k / n
+    assert effective_density([k_equal]) == pytest.approx(math.pi / 2 * 50 / 1000)
+    # Weighted by size; all-zero and empty tensors count as empty / are skipped.
+    assert effective_density([gaussian[:1000], torch.zeros(3000), torch.zeros(0)]) == pytest.approx(
+        effective_density([gaussian[:1000]]) / 4)
+    assert effective_density([]) == 0.0
+
+
+def test_effective_density_ignores_the_scale_of_each_tensor() -> None:
+    """The property the L1 norm lacks: a layer that shrinks uniformly (free under BatchNorm) is as dense."""
+    generator = torch.Generator().manual_seed(1)
+    layers = [torch.randn(64, 32, generator=generator), torch.randn(10, 64, generator=generator).pow(3)]
+    before = effective_density(layers)
+    assert effective_density([layers[0] * 1e-3, layers[1] * 50.0]) == pytest.approx(before, rel=1e-5)
+
+
+def test_effective_density_signal_drives_algorithm_1() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(400, 300, bias=False)
+    nn.init.normal_(layer.weight)
+    optimizer = FusedPILoTSGD(layer.parameters(), lr=0.1, alpha=ALPHA, backend="eager")
+    schedule = PILoTSchedule(optimizer, factor=2.0, threshold=0.5, total=10, signal="effective-density")
+    assert schedule.threshold == 0.5 and schedule.last_signal is None
+    with torch.no_grad():
+        layer.weight.mul_(1e-3)  # uniform shrinkage: the L1 norm falls 1000x, the density does not
+    assert schedule.step(0.5) == pytest.approx([2 * ALPHA])
+    assert schedule.last_signal == pytest.approx(1.0, abs=0.02)
+    with torch.no_grad():
+        layer.weight[:, 40:] = 0  # the mass on 10% of the entries
+    assert schedule.step(0.6) == pytest.approx([ALPHA])
+    assert schedule.last_signal == pytest.approx(0.1, abs=0.01)
+    relative = PILoTSchedule(optimizer, factor=2.0, threshold=0.5, total=10, signal="effective-density",
+                             relative_threshold=True)
+    assert relative.threshold == pytest.approx(0.5 * schedule.last_signal)

@@ -15,6 +15,7 @@ from pilot.evaluate import one_shot_levels
 from pilot.models import build_model
 from pilot.train import loop as train_loop
 from pilot.train import main, parse_config
+from pilot.train.config import Config
 from pilot.train.methods import lr_multiplier
 
 IMAGE_SIZE, BLOCK = 12, 4
@@ -167,8 +168,9 @@ def interrupted_at(call: int):
     return train_epoch
 
 
-@pytest.mark.parametrize("extra", [("--val-fraction", "0.25"), ("--cycles", "1", "--rewind", "wr"), ("--cycles", "1")],
-                         ids=["one-cycle", "wr-across-a-cycle", "lrr-across-a-cycle"])
+@pytest.mark.parametrize("extra", [("--val-fraction", "0.25"), ("--cycles", "1", "--rewind", "wr"), ("--cycles", "1"),
+                                   ("--alpha-update", "step", "--factor", "1.02", "--accuracy-window", "3")],
+                         ids=["one-cycle", "wr-across-a-cycle", "lrr-across-a-cycle", "alpha-per-step"])
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch,
                                             extra: tuple[str, ...]) -> None:
     args = ("--method", "pilot", "--sparsity", "0.9", *extra)
@@ -182,6 +184,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path, mon
     whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "stopped")
     assert_states_equal(whole["model"], resumed["model"], "model")
     assert_states_equal(whole["method"]["optimizer"]["state"], resumed["method"]["optimizer"]["state"], "optimizer")
+    assert_states_equal({k: v for k, v in whole["method"].items() if k != "optimizer"},
+                        {k: v for k, v in resumed["method"].items() if k != "optimizer"}, "schedules")
     if "--cycles" in extra:  # the second cycle trains with 20% of the weights pruned, and they stay pruned
         assert records(tmp_path / "whole")[-1]["density"] == pytest.approx(0.8, abs=1e-4)
     strip = ("seconds", "eval_seconds")
@@ -265,11 +269,101 @@ def test_invalid_arguments_are_rejected_with_a_message(args: list[str], message:
 def test_defaults_train_pilot_on_fashion_mnist() -> None:
     config, explicit = parse_config([])
     assert (config.method, config.data, config.model, config.epochs) == ("pilot", "fashion-mnist", "lenet300-100", 10)
-    assert config.beta == 1.0 and config.alpha > 0 and config.factor > 1 and not config.l1_threshold_absolute
+    assert config.beta == 1.0 and config.alpha > 0 and config.factor > 1 and not config.threshold_absolute
+    # The documented Fashion-MNIST setting: no augmentation, Algorithm 1 per epoch on the L1 norm, no BatchNorm
+    assert (config.augment, config.alpha_update, config.signal, config.bn_recalibration) == (False, "epoch", "l1", 0)
     assert explicit == frozenset()
     spred, explicit = parse_config(["--method", "spred", "--lr", "0.05"])
     assert (spred.beta, spred.factor, spred.out) == (0.0, None, "runs/spred-lenet300-100-fashion-mnist-seed0")
     assert explicit == {"method", "lr"}
+
+
+def test_each_dataset_has_its_recipe() -> None:
+    cifar, _ = parse_config(["--data", "cifar10"])
+    assert (cifar.model, cifar.epochs, cifar.augment, cifar.warmup_epochs) == ("resnet20", 30, True, 1)
+    assert cifar.bn_recalibration > 0
+    explicit, _ = parse_config(["--data", "cifar10", "--no-augment", "--epochs", "3", "--bn-recalibration", "0"])
+    assert (explicit.augment, explicit.epochs, explicit.warmup_epochs, explicit.bn_recalibration) == (False, 3, 1, 0)
+    short, _ = parse_config(["--data", "cifar10", "--epochs", "1"])
+    assert short.warmup_epochs == 0  # the recipe's warmup never takes the whole run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--signal", "effective-density", "--threshold", "0.1", "--threshold-absolute"], "effective-density thresholds"),
+    (["--accuracy-window", "10"], "--accuracy-window applies to --alpha-update step"),
+    (["--method", "spred", "--alpha-update", "step"], "--alpha-update applies to --method pilot"),
+    (["--threshold-absolute"], "--threshold-absolute needs --threshold"),
+])
+def test_invalid_schedule_arguments(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(args)
+    assert message in capsys.readouterr().err
+
+
+def test_configurations_of_earlier_versions_still_load() -> None:
+    current, _ = parse_config(["--threshold", "0.02"])
+    saved = current.to_json()
+    for key in ("signal", "alpha_update", "accuracy_window", "bn_recalibration"):
+        del saved[key]
+    saved["l1_threshold"], saved["l1_threshold_absolute"] = saved.pop("threshold"), saved.pop("threshold_absolute")
+    assert Config.from_json(saved) == current
+
+
+def test_algorithm_1_per_optimizer_step(tmp_path: Path, data_root: Path) -> None:
+    """With --alpha-update step alpha moves by the factor after every step: T counts steps, and its last value
+    is alpha0 * factor^(grows - shrinks) over the 2 x 10 steps of the run."""
+    out = tmp_path / "run"
+    assert run(out, data_root, "--alpha-update", "step", "--factor", "1.05", "--alpha", "1e-3",
+               "--sparsity", "0.5") == 0
+    schedule = final_state(out)["method"]["alpha_schedule"]
+    steps = 2 * math.ceil(TRAIN_SIZE / 32)
+    assert schedule["k"] == steps and schedule["total"] == steps
+    exponent = math.log(schedule["last_alpha"][0] / 1e-3) / math.log(1.05)
+    assert exponent == pytest.approx(round(exponent), abs=1e-6) and abs(exponent) <= steps
+    assert exponent <= 0  # the second half always shrinks, so at most as many grows as shrinks
+    per_epoch = records(out)
+    assert per_epoch[0]["alpha"] == 1e-3 and per_epoch[1]["alpha"] != 1e-3  # changed within the first epoch
+
+
+@pytest.mark.parametrize("method, key", [("spred", "alpha"), ("dense", "weight_decay"), ("lasso", "lasso_lambda")])
+def test_regularisation_integral_is_the_sum_of_lr_times_strength(tmp_path: Path, data_root: Path, method: str,
+                                                                  key: str) -> None:
+    out = tmp_path / method
+    assert run(out, data_root, "--method", method, "--sparsity", "0.5", "--warmup-epochs", "1") == 0
+    config = Config.from_json(json.loads((out / "config.json").read_text()))
+    steps_per_epoch = math.ceil(TRAIN_SIZE / 32)
+    multiplier = lr_multiplier(config, steps_per_epoch)
+    strength = config.weight_decay if key == "weight_decay" else getattr(config, key)
+    for record in records(out):
+        expected = sum(config.lr * multiplier(step) for step in range(record["epoch"] * steps_per_epoch)) * strength
+        assert record["regularisation_integral"] == pytest.approx(expected, rel=1e-9)
+        assert 0 < record["effective_density"] <= 1.6
+
+
+def test_batchnorm_recalibration_and_per_layer_density(tmp_path: Path, data_root: Path) -> None:
+    """A model with BatchNorm: the summary reports every accuracy with and without recalibration, the pruned
+    models carry the recalibrated statistics, and resuming the finished run evaluates it again with new settings."""
+    out = tmp_path / "run"
+    assert run(out, data_root, "--model", "resnet20", "--epochs", "1", "--sparsity", "0.5", "0.9",
+               "--bn-recalibration", "2") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bn_recalibration_batches"] == 2
+    assert {"test_accuracy", "test_accuracy_bn"} <= summary["final"].keys()
+    for row in summary["pruned"] + summary["one_shot"]:
+        assert 0 <= row["test_accuracy_bn"] <= 1 and 0 <= row["test_accuracy"] <= 1
+    pruned = torch.load(out / "pruned-90.pt", weights_only=True)
+    trained = final_state(out)["model"]
+    assert pruned["bn_recalibration_batches"] == 2
+    assert not torch.equal(pruned["state_dict"]["bn1.running_mean"], trained["bn1.running_mean"])
+    assert (out / "layer_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    layers = summary["pruned"][1]["layers"]
+    assert len(layers) == 20 and sum(layer["zeros"] for layer in layers) == round(
+        0.9 * sum(layer["total"] for layer in layers))
+    assert main(["--out", str(out), "--resume", "--no-progress", "--bn-recalibration", "0"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["bn_recalibration_batches"] == 0 and "test_accuracy_bn" not in again["pruned"][0]
+    assert json.loads((out / "config.json").read_text())["bn_recalibration"] == 0
+    assert [row["test_accuracy"] for row in again["one_shot"]] == [row["test_accuracy"] for row in summary["one_shot"]]
 
 
 def test_learning_rate_schedules() -> None:

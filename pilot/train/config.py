@@ -15,27 +15,43 @@ from pilot.iterative import REWIND_MODES
 from pilot.models import MODEL_NAMES
 from pilot.optim import BACKENDS
 from pilot.pruning import SCOPES
+from pilot.schedule import SIGNALS
 
 METHODS = ("dense", "pilot", "spred", "lasso", "str")
 LR_SCHEDULES = ("cosine", "step", "constant")
+ALPHA_UPDATES = ("epoch", "step")
 
 # The model each dataset is trained with when --model is not given (the paper's choice where it has one).
 DEFAULT_MODELS = {"fashion-mnist": "lenet300-100", "cifar10": "resnet20", "cifar100": "resnet18-cifar",
                   "imagenet": "resnet50"}
-# Defaults of the sparsifying methods, selected by validation accuracy after one-shot pruning to 90/95/98% for
-# LeNet-300-100 on Fashion-MNIST in 10 epochs (docs/results.md). They scale with the length of training: longer
-# schedules and larger models need smaller values (the paper uses alpha in 1e-4..1e-3 for 150-epoch ResNets).
-DEFAULT_ALPHA = {"pilot": 1.5e-3, "spred": 2e-3}
+# The recipe of each dataset: the defaults of the flags that depend on it. Fashion-MNIST's were selected by
+# validation accuracy after one-shot pruning to 90/95/98% for LeNet-300-100 in 10 epochs without augmentation
+# (docs/results.md, where each row's command is given). The regularisation strengths scale with the length of
+# training: what matters is their sum over the steps times the learning rate (docs/results.md), so a run with
+# more steps needs proportionally smaller values.
+RECIPES: dict[str, dict[str, Any]] = {
+    "fashion-mnist": {"epochs": 10, "augment": False, "warmup_epochs": 0, "bn_recalibration": 0,
+                      "alpha": {"pilot": 1.5e-3, "spred": 2e-3}, "factor": 2.0, "signal": "l1", "threshold": 0.01,
+                      "lasso_lambda": 3e-3, "str_weight_decay": 3e-2},
+    "cifar10": {"epochs": 30, "augment": True, "warmup_epochs": 1, "bn_recalibration": 20,
+                "alpha": {"pilot": 1.5e-3, "spred": 2e-3}, "factor": 2.0, "signal": "l1", "threshold": 0.01,
+                "lasso_lambda": 3e-3, "str_weight_decay": 3e-2},
+}
+# Datasets without a validated recipe of their own use CIFAR-10's.
+RECIPE_FALLBACK = "cifar10"
 DEFAULT_BETA = 1.0
-DEFAULT_FACTOR = 2.0
-DEFAULT_L1_THRESHOLD = 0.01
-DEFAULT_LASSO_LAMBDA = 3e-3
 DEFAULT_STR_INIT = -5.0
-DEFAULT_STR_WEIGHT_DECAY = 3e-2
 ITERATIVE_DEFAULTS = {"prune_rate": 0.2, "rewind": "lrr", "rewind_epoch": 1}
 # Settings that may differ between a run and its --resume without changing what is computed
 # (device and backend can change the last bits of the result, but moving a run to another machine is legitimate).
 RUNTIME_KEYS = frozenset({"out", "resume", "overwrite", "device", "backend", "workers", "progress"})
+# Settings of the evaluation after training: --resume of a finished run evaluates it again with new ones.
+FINISH_KEYS = frozenset({"sparsity", "prune_scope", "bn_recalibration"})
+# Keys of configurations written by earlier versions: renamed ones, and new ones with the value they implied.
+RENAMED_KEYS = {"l1_threshold": "threshold", "l1_threshold_absolute": "threshold_absolute"}
+IMPLIED_KEYS = {"signal": lambda saved: "l1" if saved.get("method") == "pilot" else None,
+                "alpha_update": lambda saved: "epoch" if saved.get("method") == "pilot" else None,
+                "accuracy_window": lambda saved: None, "bn_recalibration": lambda saved: 0}
 
 
 @dataclass(frozen=True)
@@ -63,13 +79,17 @@ class Config:
     alpha: Optional[float]
     beta: Optional[float]
     factor: Optional[float]
-    l1_threshold: Optional[float]
-    l1_threshold_absolute: bool
+    signal: Optional[str]
+    threshold: Optional[float]
+    threshold_absolute: bool
+    alpha_update: Optional[str]
+    accuracy_window: Optional[int]
     lasso_lambda: Optional[float]
     str_init: Optional[float]
     str_weight_decay: Optional[float]
     sparsity: tuple[float, ...]
     prune_scope: str
+    bn_recalibration: int
     cycles: int
     prune_rate: float
     rewind: str
@@ -90,6 +110,8 @@ class Config:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Config":
+        data = {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
+        data.update({key: implied(data) for key, implied in IMPLIED_KEYS.items() if key not in data})
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -98,8 +120,8 @@ class Config:
 
     @classmethod
     def run_defining(cls) -> list[str]:
-        """The settings that define what a run computes (all but :data:`RUNTIME_KEYS`)."""
-        return [f.name for f in dataclasses.fields(cls) if f.name not in RUNTIME_KEYS]
+        """The settings that define what a run trains (all but :data:`RUNTIME_KEYS` and :data:`FINISH_KEYS`)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in RUNTIME_KEYS | FINISH_KEYS]
 
     def differences(self, other: "Config") -> list[str]:
         """'key: self -> other' for every run-defining setting that differs."""
@@ -148,6 +170,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def recipe(data: str) -> dict[str, Any]:
+    """The defaults of ``data``'s recipe (:data:`RECIPES`)."""
+    return RECIPES.get(data, RECIPES[RECIPE_FALLBACK])
+
+
+def _per_dataset(key: str) -> str:
+    values = [f"{recipe[key]:g}" if isinstance(recipe[key], float) else f"{recipe[key]}" for recipe in
+              RECIPES.values()]
+    if len(set(values)) == 1:
+        return values[0]
+    return ", ".join(f"{value} for {data}" for data, value in zip(RECIPES, values))
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -160,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "With no arguments: PILoT on Fashion-MNIST with LeNet-300-100, 10 epochs on the CPU in minutes.",
         epilog="Outputs in --out: config.json, metrics.jsonl (one record per epoch), checkpoint.pt (every epoch), "
                "train.log, curves.png, one_shot.json / one_shot.png (accuracy after one-shot magnitude pruning at "
-               "1 - 0.8^k and at --sparsity), pruned-<sparsity>.pt (state_dict with exact zeros + masks), "
-               "summary.json.",
+               "1 - 0.8^k and at --sparsity), layer_density.png (density of each layer at each --sparsity), "
+               "pruned-<sparsity>.pt (state_dict with exact zeros + masks), summary.json. --resume of a finished run "
+               "evaluates it again (with new --sparsity, --prune-scope or --bn-recalibration if given).",
         formatter_class=_HelpFormatter,
     )
     what = parser.add_argument_group("method, data and model")
@@ -176,21 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: " + ", ".join(f"{m} for {d}" for d, m in DEFAULT_MODELS.items()))
     what.add_argument("--limit", type=_positive_int, metavar="N",
                       help="use a fixed random subset of N examples of each split (quick runs)")
-    what.add_argument("--no-augment", dest="augment", action="store_false",
-                      help="train without the dataset's random crops and flips")
+    what.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                      help="train with the dataset's random crops and flips (default: "
+                           + ", ".join(f"{'on' if r['augment'] else 'off'} for {d}" for d, r in RECIPES.items())
+                           + ")")
     what.add_argument("--val-fraction", type=_val_fraction, default=0.0, metavar="F",
                       help="hold out this fraction of the training set (not augmented) as a validation split, "
                            "to select hyper-parameters without looking at the test set")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=_positive_int, default=10, metavar="N",
-                       help="epochs (of each cycle with --cycles)")
+    optim.add_argument("--epochs", type=_positive_int, metavar="N",
+                       help="epochs (of each cycle with --cycles); default: " + _per_dataset("epochs"))
     optim.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="training batch size")
     optim.add_argument("--lr", type=_positive, default=0.1, help="peak learning rate")
     optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                        help="cosine: to 0 at the last epoch; step: multiply by --gamma at each milestone")
-    optim.add_argument("--warmup-epochs", type=_non_negative_int, default=0, metavar="N",
-                       help="ramp the learning rate up linearly over this many epochs first")
+    optim.add_argument("--warmup-epochs", type=_non_negative_int, metavar="N",
+                       help="ramp the learning rate up linearly over this many epochs first; default: "
+                            + _per_dataset("warmup_epochs"))
     optim.add_argument("--milestones", type=_positive_int, nargs="+", metavar="EPOCH",
                        help="epochs after which --lr-schedule step decays (default: 50%% and 75%% of --epochs)")
     optim.add_argument("--gamma", type=_fraction_open, default=0.1, help="decay of the step schedule")
@@ -201,32 +240,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = parser.add_argument_group("sparsifying regularisation")
     reg.add_argument("--alpha", type=_non_negative,
-                     help="pilot/spred: initial weight decay on the factors m, w "
-                          f"(default {', '.join(f'{m} {a:g}' for m, a in DEFAULT_ALPHA.items())})")
+                     help="pilot/spred: initial weight decay on the factors m, w; default: " + "; ".join(
+                         f"{data}: " + ", ".join(f"{m} {a:g}" for m, a in recipe["alpha"].items())
+                         for data, recipe in RECIPES.items()))
     reg.add_argument("--beta", type=_positive, help="pilot: initial imbalance m^2 - w^2 of the factors "
                                                     f"(default {DEFAULT_BETA:g}; spred is beta = 0)")
     reg.add_argument("--factor", type=_factor,
-                     help=f"pilot: alpha is multiplied or divided by this after each epoch (default {DEFAULT_FACTOR})")
-    reg.add_argument("--l1-threshold", type=_non_negative, metavar="K",
-                     help="pilot: alpha only grows while the L1 norm of the prunable weights is at least K, as a "
-                          "fraction of its value at initialisation (default "
-                          f"{DEFAULT_L1_THRESHOLD}; see --l1-threshold-absolute)")
-    reg.add_argument("--l1-threshold-absolute", action="store_true",
-                     help="read --l1-threshold as an absolute L1 norm instead")
+                     help="pilot: alpha is multiplied or divided by this at each update (after each epoch, or "
+                          "each optimizer step with --alpha-update step: then use a factor close to 1); "
+                          "default: " + _per_dataset("factor"))
+    reg.add_argument("--alpha-update", choices=ALPHA_UPDATES,
+                     help="pilot: apply Algorithm 1 after each epoch with the epoch's training accuracy (the "
+                          "paper's Algorithm 1), or after each optimizer step with a running training accuracy "
+                          "(the paper's prose; see --accuracy-window) (default: epoch)")
+    reg.add_argument("--accuracy-window", type=_positive_int, metavar="STEPS",
+                     help="pilot with --alpha-update step: the running training accuracy is an exponential "
+                          "average over about this many steps (default: one epoch's steps)")
+    reg.add_argument("--signal", choices=SIGNALS,
+                     help="pilot: the sparsity signal of Algorithm 1's threshold. l1: the L1 norm of the "
+                          "factorised weights (the paper's; under BatchNorm it also falls when layers merely "
+                          "shrink); effective-density: per-layer (pi/2)*|x|_1^2/(n*|x|_2^2), size-weighted, 1 for "
+                          "Gaussian weights and p when the mass sits on a fraction p of them (scale-invariant); "
+                          "default: " + _per_dataset("signal"))
+    reg.add_argument("--threshold", type=_non_negative, metavar="K",
+                     help="pilot: alpha only grows while the signal is at least K; for l1 a fraction of its value "
+                          "at initialisation (see --threshold-absolute), for effective-density a density; "
+                          "default: " + _per_dataset("threshold"))
+    reg.add_argument("--threshold-absolute", action="store_true",
+                     help="read --threshold as an absolute value of the signal, not a fraction of its initial one "
+                          "(effective-density thresholds are always absolute)")
     reg.add_argument("--lasso-lambda", type=_positive, metavar="LAMBDA",
-                     help=f"lasso: strength of the L1 penalty (default {DEFAULT_LASSO_LAMBDA:g})")
+                     help="lasso: strength of the L1 penalty; default: " + _per_dataset("lasso_lambda"))
     reg.add_argument("--str-init", type=_number(float, low=-math.inf), metavar="S",
                      help="str: initial logit s of every layer's threshold sigmoid(s) "
                           f"(default {DEFAULT_STR_INIT:g})")
     reg.add_argument("--str-weight-decay", type=_non_negative, metavar="WD",
-                     help="str: weight decay on the threshold logits s, which raises the thresholds "
-                          f"(default {DEFAULT_STR_WEIGHT_DECAY:g})")
+                     help="str: weight decay on the threshold logits s, which raises the thresholds; default: "
+                          + _per_dataset("str_weight_decay"))
 
     prune = parser.add_argument_group("pruning")
     prune.add_argument("--sparsity", type=_fraction_open, nargs="+", default=[0.9, 0.95, 0.98], metavar="S",
                        help="target sparsities of the final one-shot pruning (a pruned model is saved for each)")
     prune.add_argument("--prune-scope", choices=SCOPES, default="global",
                        help="rank magnitudes across all prunable layers or within each layer")
+    prune.add_argument("--bn-recalibration", type=_non_negative_int, metavar="BATCHES",
+                       help="after pruning, re-estimate the BatchNorm statistics on this many batches of the "
+                            "un-augmented training set (same batches for every level and method; only BatchNorm "
+                            "buffers change) and report the accuracy with and without; 0 = off; default: "
+                            + _per_dataset("bn_recalibration"))
     prune.add_argument("--cycles", type=_non_negative_int, default=0, metavar="N",
                        help="iterative pruning: after the first training, this many cycles of prune "
                             "--prune-rate of the remaining weights, rewind and train again")
@@ -276,18 +337,28 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[Config, frozense
 def resolve(args: argparse.Namespace) -> Config:
     """Fill the method- and dataset-dependent defaults and check the combinations argparse cannot."""
     method = args.method
+    defaults = recipe(args.data)
     specific = {"--alpha": (args.alpha, ("pilot", "spred")), "--beta": (args.beta, ("pilot",)),
-                "--factor": (args.factor, ("pilot",)), "--l1-threshold": (args.l1_threshold, ("pilot",)),
+                "--factor": (args.factor, ("pilot",)), "--signal": (args.signal, ("pilot",)),
+                "--threshold": (args.threshold, ("pilot",)), "--alpha-update": (args.alpha_update, ("pilot",)),
+                "--accuracy-window": (args.accuracy_window, ("pilot",)),
                 "--lasso-lambda": (args.lasso_lambda, ("lasso",)), "--str-init": (args.str_init, ("str",)),
                 "--str-weight-decay": (args.str_weight_decay, ("str",))}
     for flag, (value, methods) in specific.items():
         if value is not None and method not in methods:
             raise ValueError(f"{flag} applies to --method {'/'.join(methods)}, not {method}")
-    if args.l1_threshold_absolute and args.l1_threshold is None:
-        raise ValueError("--l1-threshold-absolute needs --l1-threshold")
-    epochs = args.epochs
-    if args.warmup_epochs >= epochs:
-        raise ValueError(f"--warmup-epochs ({args.warmup_epochs}) must be smaller than --epochs ({epochs})")
+    if args.threshold_absolute and args.threshold is None:
+        raise ValueError("--threshold-absolute needs --threshold")
+    signal = _default(args.signal, defaults["signal"]) if method == "pilot" else None
+    if args.threshold_absolute and signal == "effective-density":
+        raise ValueError("--threshold-absolute applies to --signal l1 (effective-density thresholds are absolute)")
+    alpha_update = _default(args.alpha_update, "epoch") if method == "pilot" else None
+    if args.accuracy_window is not None and alpha_update != "step":
+        raise ValueError("--accuracy-window applies to --alpha-update step")
+    epochs = _default(args.epochs, defaults["epochs"])
+    warmup_epochs = _default(args.warmup_epochs, min(defaults["warmup_epochs"], epochs - 1))
+    if warmup_epochs >= epochs:
+        raise ValueError(f"--warmup-epochs ({warmup_epochs}) must be smaller than --epochs ({epochs})")
     if args.milestones is not None and args.lr_schedule != "step":
         raise ValueError("--milestones applies to --lr-schedule step")
     milestones = tuple(sorted(set(args.milestones))) if args.milestones else ()
@@ -314,25 +385,28 @@ def resolve(args: argparse.Namespace) -> Config:
     out = args.out or f"runs/{method}-{model}-{args.data}-seed{args.seed}"
     return Config(
         method=method, data=args.data, data_root=args.data_root, model=model, limit=args.limit,
-        augment=args.augment, val_fraction=args.val_fraction, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-        lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, milestones=milestones, gamma=args.gamma,
-        momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
-        alpha=_default(args.alpha, DEFAULT_ALPHA[method]) if method in DEFAULT_ALPHA else None,
+        augment=_default(args.augment, defaults["augment"]), val_fraction=args.val_fraction, epochs=epochs,
+        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, warmup_epochs=warmup_epochs,
+        milestones=milestones, gamma=args.gamma, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        alpha=_default(args.alpha, defaults["alpha"][method]) if method in defaults["alpha"] else None,
         beta={"pilot": _default(args.beta, DEFAULT_BETA), "spred": 0.0}.get(method),
-        factor=_default(args.factor, DEFAULT_FACTOR) if method == "pilot" else None,
-        l1_threshold=_default(args.l1_threshold, DEFAULT_L1_THRESHOLD) if method == "pilot" else None,
-        l1_threshold_absolute=args.l1_threshold_absolute,
-        lasso_lambda=_default(args.lasso_lambda, DEFAULT_LASSO_LAMBDA) if method == "lasso" else None,
+        factor=_default(args.factor, defaults["factor"]) if method == "pilot" else None,
+        signal=signal, threshold=_default(args.threshold, defaults["threshold"]) if method == "pilot" else None,
+        threshold_absolute=args.threshold_absolute, alpha_update=alpha_update,
+        accuracy_window=args.accuracy_window,
+        lasso_lambda=_default(args.lasso_lambda, defaults["lasso_lambda"]) if method == "lasso" else None,
         str_init=_default(args.str_init, DEFAULT_STR_INIT) if method == "str" else None,
-        str_weight_decay=_default(args.str_weight_decay, DEFAULT_STR_WEIGHT_DECAY) if method == "str" else None,
-        sparsity=tuple(sorted(set(args.sparsity))), prune_scope=args.prune_scope, cycles=args.cycles,
+        str_weight_decay=_default(args.str_weight_decay, defaults["str_weight_decay"]) if method == "str" else None,
+        sparsity=tuple(sorted(set(args.sparsity))), prune_scope=args.prune_scope,
+        bn_recalibration=_default(args.bn_recalibration, defaults["bn_recalibration"]), cycles=args.cycles,
         **iterative, seed=args.seed,
         device=str(device), bf16=args.bf16, backend=args.backend, workers=workers, out=out, resume=args.resume,
         overwrite=args.overwrite, progress=args.progress,
     )
 
 
-def _default(value: Optional[float], default: float) -> float:
+def _default(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
@@ -340,4 +414,4 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-__all__ = ["Config", "METHODS", "build_parser", "parse_config", "resolve", "default_device"]
+__all__ = ["Config", "METHODS", "RECIPES", "build_parser", "parse_config", "recipe", "resolve", "default_device"]

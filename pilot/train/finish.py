@@ -1,4 +1,5 @@
-"""The end of a run: one-shot pruning to the target sparsities, the one-shot curve, exports, plots and summary."""
+"""The end of a run: one-shot pruning to the target sparsities (with and without BatchNorm recalibration), the
+one-shot curve, exports, plots (training curves, one-shot curve, per-layer density) and the summary."""
 from __future__ import annotations
 
 import copy
@@ -15,13 +16,14 @@ from torch import nn
 
 import pilot
 from pilot.baselines import remove_str_
-from pilot.evaluate import one_shot_curve, one_shot_levels
-from pilot.plots import plot_one_shot, plot_training_curves
+from pilot.evaluate import RECALIBRATED, evaluate_splits, one_shot_curve, one_shot_levels, recalibrate_batchnorm_
+from pilot.plots import plot_layer_density, plot_one_shot, plot_training_curves
 from pilot.pruning import export_sparse, sparsity_report
 
 from .config import Config
 from .loop import Data, Progress
-from .rundir import CURVES_PNG, ONE_SHOT_JSON, ONE_SHOT_PNG, SUMMARY, pruned_model_name, save_json, save_torch
+from .rundir import (CURVES_PNG, LAYER_DENSITY_PNG, ONE_SHOT_JSON, ONE_SHOT_PNG, SUMMARY, pruned_model_name,
+                     save_json, save_torch)
 
 log = logging.getLogger("pilot.train")
 
@@ -41,6 +43,7 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
     """
     out = Path(config.out)
     device = torch.device(config.device)
+    autocast_dtype = torch.bfloat16 if config.bf16 else None
     began = time.perf_counter()
     trained = plain_model(model)
     targets = {round(s, 6) for s in config.sparsity}
@@ -53,7 +56,8 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
         name = pruned_model_name(level)
         save_torch({"state_dict": state_dict, "masks": masks, "model": config.model, "data": config.data,
                     "num_classes": data.bundle.num_classes, "in_channels": data.bundle.in_channels,
-                    "input_size": data.bundle.image_size, "target_sparsity": level}, out / name)
+                    "input_size": data.bundle.image_size, "target_sparsity": level,
+                    "bn_recalibration_batches": config.bn_recalibration}, out / name)
         report = sparsity_report(pruned)
         pruned_results[level] = {"file": name, "layers": [
             {"name": layer.name, "zeros": layer.zeros, "total": layer.total, "sparsity": layer.sparsity}
@@ -62,20 +66,28 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
             log.info("per-layer sparsity at %g%%:\n%s", 100 * level, report.table())
 
     curve = one_shot_curve(trained, one_shot_levels(config.sparsity, ONE_SHOT_KEEP_RATE), data.eval, device=device,
-                           scope=config.prune_scope, autocast_dtype=torch.bfloat16 if config.bf16 else None,
-                           on_pruned=save_if_target)
+                           scope=config.prune_scope, autocast_dtype=autocast_dtype, on_pruned=save_if_target,
+                           recalibration=data.recalibration)
     final = progress.history[-1]
     unpruned = {key: final[key] for key in final if key.endswith(("_loss", "_accuracy"))}
+    if data.recalibration is not None:  # the same recalibration on the unpruned model, for comparison
+        recalibrate_batchnorm_(trained, data.recalibration, device=device, autocast_dtype=autocast_dtype)
+        unpruned.update(evaluate_splits(trained, data.eval, device=device, autocast_dtype=autocast_dtype,
+                                        suffix=RECALIBRATED))
     save_json({"method": config.method, "model": config.model, "data": config.data, "scope": config.prune_scope,
                "unpruned": unpruned, "levels": curve}, out / ONE_SHOT_JSON)
     title = f"{config.method} / {config.model} / {config.data}"
     plot_one_shot({config.method: curve}, out / ONE_SHOT_PNG, dense_accuracy=final["test_accuracy"], title=title)
     plot_training_curves(progress.history, out / CURVES_PNG, title=title)
+    plot_layer_density({level: result["layers"] for level, result in pruned_results.items()},
+                       out / LAYER_DENSITY_PNG, title=f"{title}: per-layer density after one-shot pruning")
     pruned = [{**row, **pruned_results[row["target_sparsity"]]} for row in curve
               if row["target_sparsity"] in pruned_results]
     for row in pruned:
         log.info("pruned to %.2f%% sparsity: %s", 100 * row["sparsity"], "  ".join(
-            f"{split} acc {row[f'{split}_accuracy']:.2%}" for split in data.eval))
+            f"{split} acc {row[f'{split}_accuracy']:.2%}" + (
+                f" ({row[f'{split}_accuracy{RECALIBRATED}']:.2%} after BN recalibration)"
+                if f"{split}_accuracy{RECALIBRATED}" in row else "") for split in data.eval))
     summary = {
         "config": config.to_json(),
         "versions": versions(),
@@ -85,7 +97,9 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
                   "seconds_per_epoch": progress.train_seconds / len(progress.history),
                   "finish_seconds": time.perf_counter() - began,
                   "this_invocation_seconds": time.perf_counter() - started},
-        "final": {**unpruned, "density": final["density"]},
+        "final": {**unpruned, **{key: final[key] for key in ("density", "effective_density",
+                                                             "regularisation_integral") if key in final}},
+        "bn_recalibration_batches": config.bn_recalibration,
         "pruned": pruned,
         "one_shot": curve,
     }

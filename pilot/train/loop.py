@@ -25,7 +25,8 @@ from tqdm import tqdm
 from pilot.data import DatasetBundle, load_datasets, make_loaders
 from pilot.evaluate import autocast, evaluate
 from pilot.iterative import IterativePruning
-from pilot.pruning import sparsity_report
+from pilot.pruning import named_prunable_weights, sparsity_report
+from pilot.schedule import effective_density
 
 from .config import Config
 from .methods import Method, make_method, make_optimizer
@@ -36,6 +37,8 @@ log = logging.getLogger("pilot.train")
 CHECKPOINT_FORMAT = 1
 # Seed of the train/validation split: fixed, so that every run (and every seed) holds out the same examples.
 VALIDATION_SPLIT_SEED = 0
+# Seed of the choice of the BatchNorm recalibration examples: fixed, so every level and every method sees the same.
+RECALIBRATION_SEED = 1
 # Progress-bar statistics are refreshed this many times per epoch (each refresh waits for the device).
 BAR_UPDATES_PER_EPOCH = 20
 
@@ -49,6 +52,8 @@ class Data:
     bundle: DatasetBundle
     train: DataLoader
     eval: dict[str, DataLoader]  # "val" (with --val-fraction) and "test", evaluated after every epoch
+    # --bn-recalibration batches of the un-augmented training examples, the same ones in the same order each pass
+    recalibration: Optional[DataLoader] = None
 
 
 @dataclass
@@ -64,17 +69,18 @@ class Progress:
 
 
 def load_data(config: Config) -> Data:
-    """The loaders of ``config.data``; with ``val_fraction`` a fixed part of the train split becomes ``val``."""
+    """The loaders of ``config.data``; with ``val_fraction`` a fixed part of the train split becomes ``val``;
+    with ``bn_recalibration`` a fixed sample of the (remaining) training examples, un-augmented, recalibrates."""
     try:
         bundle = load_datasets(config.data, config.data_root, augment=config.augment, limit=config.limit)
-        unaugmented = None
-        if config.val_fraction:
-            unaugmented = load_datasets(config.data, config.data_root, augment=False, limit=config.limit) \
-                if config.augment else bundle
+        unaugmented = bundle
+        if config.augment and (config.val_fraction or config.bn_recalibration):
+            unaugmented = load_datasets(config.data, config.data_root, augment=False, limit=config.limit)
     except (FileNotFoundError, ValueError) as error:
         raise RunError(f"cannot load --data {config.data}: {error}") from error
     held_out = None
-    if unaugmented is not None:
+    train_indices = list(range(len(bundle.train)))
+    if config.val_fraction:
         size = len(bundle.train)
         held = round(config.val_fraction * size)
         if not 0 < held < size:
@@ -83,7 +89,14 @@ def load_data(config: Config) -> Data:
         order = torch.randperm(size, generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
         # The validation examples come from the un-augmented copy: they are evaluated like the test split.
         held_out = Subset(unaugmented.train, order[:held].sort().values.tolist())
-        bundle = dataclasses.replace(bundle, train=Subset(bundle.train, order[held:].sort().values.tolist()))
+        train_indices = order[held:].sort().values.tolist()
+        bundle = dataclasses.replace(bundle, train=Subset(bundle.train, train_indices))
+    recalibration = None
+    if config.bn_recalibration:
+        wanted = min(config.bn_recalibration * config.batch_size, len(train_indices))
+        chosen = torch.randperm(len(train_indices), generator=torch.Generator().manual_seed(RECALIBRATION_SEED))
+        recalibration = DataLoader(Subset(unaugmented.train, [train_indices[i] for i in chosen[:wanted].tolist()]),
+                                   batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
     train_loader, test_loader = make_loaders(bundle, config.batch_size, num_workers=config.workers, seed=config.seed,
                                              device=config.device)
     eval_loaders = {"test": test_loader}
@@ -91,7 +104,7 @@ def load_data(config: Config) -> Data:
         eval_loaders = {"val": DataLoader(held_out, batch_size=test_loader.batch_size,
                                           num_workers=test_loader.num_workers, pin_memory=test_loader.pin_memory,
                                           persistent_workers=test_loader.persistent_workers), **eval_loaders}
-    return Data(bundle, train_loader, eval_loaders)
+    return Data(bundle, train_loader, eval_loaders, recalibration)
 
 
 # ---------------------------------------------------------------------------------------------- RNG state
@@ -118,6 +131,11 @@ def density(model: nn.Module) -> float:
     return 1.0 - sparsity_report(model).sparsity
 
 
+def prunable_effective_density(model: nn.Module) -> float:
+    """:func:`pilot.schedule.effective_density` of the prunable weights (STR's as thresholded)."""
+    return effective_density(layer for _, layer in named_prunable_weights(model))
+
+
 def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
                     autocast_dtype: Optional[torch.dtype], bar: tqdm) -> tuple[float, float]:
     """One pass over ``loader`` (one optimizer and LR-schedule step per batch); returns (mean loss, accuracy)."""
@@ -136,11 +154,15 @@ def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
         loss = nn.functional.cross_entropy(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        method.before_step()
         optimizer.step()
         method.lr_schedule.step()
         loss_sum += loss.detach() * targets.shape[0]
-        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        batch_correct = (logits.detach().argmax(dim=1) == targets).sum()
+        correct += batch_correct
         seen += targets.shape[0]
+        if method.steps_alpha:
+            method.end_step(batch_correct.item() / targets.shape[0])
         bar.update()
         if step % refresh_every == 0 or step == len(loader):
             mean_loss = loss_sum.item() / seen
@@ -169,8 +191,10 @@ def format_record(record: dict[str, Any], config: Config) -> str:
         if f"{split}_loss" in record:
             parts.append(f"{split} loss {record[f'{split}_loss']:.4f} acc {record[f'{split}_accuracy']:.2%}")
     parts.append(f"density {record['density']:.2%}")
+    parts.append(f"eff. density {record['effective_density']:.3f}")
     if "l1_relative" in record:
         parts.append(f"L1 {record['l1_relative']:.3f}x")
+    parts.append(f"sum lr*reg {record['regularisation_integral']:.3g}")
     parts.append(f"{record['seconds']:.1f}s (+{record['eval_seconds']:.1f}s eval)")
     return "  ".join(parts)
 
@@ -260,6 +284,8 @@ class Trainer:
             record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
         record["eval_seconds"] = time.perf_counter() - started
         record["density"] = density(method.model)
+        record["effective_density"] = prunable_effective_density(method.model)
+        record["regularisation_integral"] = method.regularisation_integral
         l1 = method.l1_norm()
         if l1 is not None:
             record["l1_norm"] = l1

@@ -1,7 +1,10 @@
 """The optimizer and the schedules of each training method, built from a :class:`Config`.
 
 A :class:`Method` per training schedule (per cycle of iterative pruning): the optimizer, the per-step
-learning-rate schedule (warmup, then cosine or step) and, for pilot, the per-epoch alpha schedule (Algorithm 1).
+learning-rate schedule (warmup, then cosine or step) and, for pilot, the alpha schedule (Algorithm 1, after each
+epoch or after each optimizer step). It also keeps the run's regularisation integral: the sum over optimizer steps
+of lr times the strength of the method's regularisation, the quantity the implicit bias and the shrinkage depend on
+(a_t = beta * exp(-2 * integral of alpha) for pilot), which is what makes budgets comparable.
 The optimizers and schedules are the library's (pilot.optim, pilot.schedule, pilot.baselines); this module only
 wires them to the command line.
 """
@@ -46,18 +49,40 @@ def lr_multiplier(config: Config, steps_per_epoch: int) -> Callable[[int], float
     return multiplier
 
 
+# (param group, key) of each method's regularisation strength of the prunable weights: alpha (pilot, spred),
+# lambda (lasso, its first group), the weight decay of STR's threshold logits (its second group, see
+# pilot.baselines.str_param_groups), dense SGD's weight decay.
+STRENGTH = {"pilot": (0, "alpha"), "spred": (0, "alpha"), "lasso": (0, "l1"), "str": (1, "weight_decay"),
+            "dense": (0, "weight_decay")}
+
+
 @dataclass
 class Method:
-    """The optimizer of a run and its schedules; ``model`` is the module to train (STR converts it)."""
+    """The optimizer of a run and its schedules; ``model`` is the module to train (STR converts it).
+
+    With ``accuracy_window`` set, the alpha schedule steps after every optimizer step (:meth:`end_step`) with a
+    running training accuracy, a bias-corrected exponential average with weight 1 / accuracy_window on the
+    newest batch; otherwise after every epoch (:meth:`end_epoch`) with the epoch's accuracy.
+    """
 
     model: nn.Module
     optimizer: Optimizer
     lr_schedule: LambdaLR
+    strength_key: tuple[int, str] = (0, "weight_decay")
     alpha_schedule: Optional[PILoTSchedule] = None
+    accuracy_window: Optional[int] = None
+    regularisation_integral: float = 0.0
+    running_accuracy: float = 0.0  # the exponential average before bias correction
+    running_weight: float = 0.0  # 1 - (1 - 1 / window) ** steps: its bias correction
 
     @property
     def factorised(self) -> bool:
         return isinstance(self.optimizer, FusedPILoTSGD)
+
+    @property
+    def steps_alpha(self) -> bool:
+        """Whether the alpha schedule steps after every optimizer step (it needs each batch's accuracy)."""
+        return self.alpha_schedule is not None and self.accuracy_window is not None
 
     def alpha(self) -> Optional[float]:
         """The alpha in use (pilot and spred), else None."""
@@ -69,20 +94,42 @@ class Method:
         """Sum |m * w| over the factorised weights (pilot and spred), else None."""
         return self.optimizer.l1_norm() if self.factorised else None
 
+    def strength(self) -> float:
+        """The strength of the method's regularisation of the prunable weights (see :data:`STRENGTH`)."""
+        group, key = self.strength_key
+        return float(self.optimizer.param_groups[group][key])
+
+    def before_step(self) -> None:
+        """Add this step's lr * strength to the regularisation integral (call before ``optimizer.step()``)."""
+        self.regularisation_integral += float(self.optimizer.param_groups[0]["lr"]) * self.strength()
+
+    def end_step(self, batch_accuracy: float) -> None:
+        """After an optimizer step: the per-step alpha schedule, fed the running training accuracy."""
+        if self.alpha_schedule is None or self.accuracy_window is None:
+            return
+        decay = 1.0 - 1.0 / self.accuracy_window
+        self.running_accuracy = decay * self.running_accuracy + (1.0 - decay) * batch_accuracy
+        self.running_weight = decay * self.running_weight + (1.0 - decay)
+        self.alpha_schedule.step(self.running_accuracy / self.running_weight)
+
     def end_epoch(self, train_accuracy: float) -> None:
-        """Advance the per-epoch schedules (the alpha schedule of pilot)."""
-        if self.alpha_schedule is not None:
+        """After an epoch: the per-epoch alpha schedule of pilot."""
+        if self.alpha_schedule is not None and self.accuracy_window is None:
             self.alpha_schedule.step(train_accuracy)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                "alpha_schedule": None if self.alpha_schedule is None else self.alpha_schedule.state_dict()}
+                "alpha_schedule": None if self.alpha_schedule is None else self.alpha_schedule.state_dict(),
+                "regularisation_integral": self.regularisation_integral,
+                "running_accuracy": self.running_accuracy, "running_weight": self.running_weight}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.alpha_schedule is not None:
             self.alpha_schedule.load_state_dict(state["alpha_schedule"])
+        self.regularisation_integral = state["regularisation_integral"]
+        self.running_accuracy, self.running_weight = state["running_accuracy"], state["running_weight"]
 
 
 def prepare_model(config: Config, model: nn.Module, device: torch.device) -> nn.Module:
@@ -114,9 +161,14 @@ def make_optimizer(config: Config, model: nn.Module) -> Optimizer:
 
 def make_method(config: Config, model: nn.Module, optimizer: Optimizer, steps_per_epoch: int) -> Method:
     """``optimizer`` with fresh schedules: the LR schedule of :func:`lr_multiplier` and, for pilot, PILoTSchedule
-    (its relative L1 threshold is taken from the weights as they are now)."""
-    alpha_schedule = None
+    (a relative threshold is taken from the weights as they are now), per epoch or per optimizer step."""
+    alpha_schedule, window = None, None
     if config.method == "pilot":
-        alpha_schedule = PILoTSchedule(optimizer, factor=config.factor, l1_threshold=config.l1_threshold,
-                                       total=config.epochs, relative_threshold=not config.l1_threshold_absolute)
-    return Method(model, optimizer, LambdaLR(optimizer, lr_multiplier(config, steps_per_epoch)), alpha_schedule)
+        per_step = config.alpha_update == "step"
+        window = (config.accuracy_window or steps_per_epoch) if per_step else None
+        alpha_schedule = PILoTSchedule(
+            optimizer, factor=config.factor, threshold=config.threshold, signal=config.signal,
+            total=config.epochs * (steps_per_epoch if per_step else 1),
+            relative_threshold=config.signal == "l1" and not config.threshold_absolute)
+    return Method(model, optimizer, LambdaLR(optimizer, lr_multiplier(config, steps_per_epoch)),
+                  STRENGTH[config.method], alpha_schedule, accuracy_window=window)

@@ -15,7 +15,7 @@ import torch
 
 from pilot.atomic import atomic_write
 
-from .config import Config
+from .config import FINISH_KEYS, Config
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -25,8 +25,9 @@ SUMMARY = "summary.json"
 CURVES_PNG = "curves.png"
 ONE_SHOT_JSON = "one_shot.json"
 ONE_SHOT_PNG = "one_shot.png"
+LAYER_DENSITY_PNG = "layer_density.png"
 PRUNED_GLOB = "pruned-*.pt"
-RUN_FILES = (CONFIG, CHECKPOINT, METRICS, LOG, SUMMARY, CURVES_PNG, ONE_SHOT_JSON, ONE_SHOT_PNG)
+RUN_FILES = (CONFIG, CHECKPOINT, METRICS, LOG, SUMMARY, CURVES_PNG, ONE_SHOT_JSON, ONE_SHOT_PNG, LAYER_DENSITY_PNG)
 
 
 class RunError(Exception):
@@ -78,7 +79,8 @@ def open_run_dir(config: Config, explicit: Sequence[str] = ()) -> Config:
     - fresh or empty directory: created, config.json written.
     - ``--resume``: the saved configuration is used (with this invocation's runtime settings: device, backend,
       workers, progress); a run-defining setting given explicitly (``explicit`` holds the given keys) that differs
-      from the saved one is an error listing the differences.
+      from the saved one is an error listing the differences. Evaluation settings (:data:`FINISH_KEYS`) given
+      explicitly replace the saved ones, so resuming a finished run evaluates it again with them.
     - ``--overwrite``: the files of the previous run are deleted (nothing else in the directory is touched).
     - anything else in a directory that is not empty is an error saying what is there and what to do.
     """
@@ -89,13 +91,16 @@ def open_run_dir(config: Config, explicit: Sequence[str] = ()) -> Config:
         if not (out / CONFIG).is_file():
             raise RunDirError(f"nothing to resume: {out / CONFIG} does not exist (drop --resume to start the run)")
         saved = load_config(out)
-        given = dataclasses.replace(config, **{key: getattr(saved, key) for key in Config.run_defining()
+        given = dataclasses.replace(config, **{key: getattr(saved, key) for key in (*Config.run_defining(),
+                                                                                  *FINISH_KEYS)
                                                if key not in explicit})
         differences = saved.differences(given)
         if differences:
             raise RunDirError(f"--resume: {out} holds a run with other settings; these differ (saved -> given):\n  "
                               + "\n  ".join(differences)
                               + "\nresume with the saved settings, or pass --overwrite to start over with the new ones")
+        if any(getattr(saved, key) != getattr(given, key) for key in FINISH_KEYS):
+            save_json(given.to_json(), out / CONFIG)  # the evaluation settings in use from now on
         return given
     if out.is_dir() and any(out.iterdir()):
         if not config.overwrite:
