@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .pruning import prune_, sparsity_report
+from .pruning import prune_, pruning_scores, sparsity_report
 
 __all__ = ["EvalResult", "RECALIBRATED", "autocast", "evaluate", "evaluate_splits", "recalibrate_batchnorm_",
            "one_shot_levels", "one_shot_curve"]
@@ -141,11 +141,12 @@ RECALIBRATED = "_bn"
 def one_shot_curve(model: nn.Module, levels: Sequence[float], loaders: dict[str, Iterable], *,
                    device: torch.device, scope: str = "global", autocast_dtype: Optional[torch.dtype] = None,
                    on_pruned: Optional[Callable[[float, nn.Module], None]] = None,
-                   recalibration: Optional[Iterable] = None) -> list[dict[str, float]]:
+                   recalibration: Optional[Iterable] = None, criterion: str = "magnitude") -> list[dict[str, float]]:
     """Loss and accuracy on each of ``loaders`` ({split name: loader}) of ``model`` one-shot pruned to each level.
 
     ``model`` (a plain model: bake STR in with :func:`pilot.remove_str_` first) is left untouched: every level
-    prunes a fresh copy with :func:`pilot.prune_` (magnitude, ``scope`` "global" or "layer").
+    prunes a fresh copy with :func:`pilot.prune_` (``scope`` "global" or "layer"), ranking the entries by
+    :func:`pilot.pruning.pruning_scores` of ``model`` with ``criterion`` ("magnitude", the paper's, or "bn-folded").
     With ``recalibration`` (an iterable of training batches that yields the same batches each time it is iterated,
     such as a DataLoader without shuffling), each pruned copy is then evaluated again after
     :func:`recalibrate_batchnorm_` on them, under the keys suffixed :data:`RECALIBRATED`.
@@ -154,10 +155,11 @@ def one_shot_curve(model: nn.Module, levels: Sequence[float], loaders: dict[str,
     ``{"target_sparsity", "sparsity", "<split>_loss", "<split>_accuracy", ...}``, the sparsity measured on the
     pruned copy.
     """
+    scores = pruning_scores(model, criterion)
     rows = []
     for level in levels:
         pruned = copy.deepcopy(model)
-        prune_(pruned, level, scope=scope)
+        prune_(pruned, level, scope=scope, scores=scores)
         row = {"target_sparsity": level, "sparsity": sparsity_report(pruned).sparsity,
                **evaluate_splits(pruned, loaders, device=device, autocast_dtype=autocast_dtype)}
         if recalibration is not None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
@@ -26,9 +27,10 @@ from .optim import FusedPILoTSGD
 
 __all__ = ["prune_", "apply_masks_", "prunable_parameters", "named_prunable_weights", "pruning_masks", "keep_mask",
            "sparsity_report", "SparsityReport", "LayerSparsity", "export_masks", "export_sparse", "to_torch_prune",
-           "SCOPES"]
+           "SCOPES", "CRITERIA", "pruning_scores", "batchnorm_after"]
 
 SCOPES = ("global", "layer")
+CRITERIA = ("magnitude", "bn-folded")
 Select = Callable[[str, Tensor], bool]
 Target = Union[Optimizer, nn.Module]
 
@@ -139,7 +141,8 @@ def prunable_parameters(target: Target) -> tuple[list[Tensor], Optional[Optimize
                     f"{type(target).__name__}")
 
 
-def prune_(target: Target, sparsity: float, *, scope: str = "global") -> int:
+def prune_(target: Target, sparsity: float, *, scope: str = "global",
+           scores: Optional[Sequence[Tensor]] = None) -> int:
     r"""Magnitude-prune in place to exactly ``round(sparsity * n)`` zeros; returns the number of zeros.
 
     ``target`` selects the tensors:
@@ -156,14 +159,78 @@ def prune_(target: Target, sparsity: float, *, scope: str = "global") -> int:
     tensor pruned to the fraction on its own (n = its size, so the total is the sum of per-tensor roundings).
     Ties at the threshold are broken by position (:func:`keep_mask`), so the count is exact. Zeros that exist
     already count towards the request (if there are more, nothing more is pruned) and are masked too.
+
+    ``scores``: the importance of each entry instead of its magnitude (non-negative, one tensor per pruned tensor,
+    in the order of :func:`prunable_parameters`), e.g. :func:`pruning_scores` with ``criterion="bn-folded"``.
     """
     params, optimizer = prunable_parameters(target)
+    if scores is None:
+        scores = params
+    elif len(scores) != len(params) or any(s.shape != p.shape for s, p in zip(scores, params)):
+        raise ValueError(f"scores must match the {len(params)} pruned tensors in order and shape, got "
+                         f"{[tuple(s.shape) for s in scores]} for {[tuple(p.shape) for p in params]}")
     zeros = 0
-    for p, keep in zip(params, pruning_masks(params, sparsity, scope)):
+    for p, keep in zip(params, pruning_masks(list(scores), sparsity, scope)):
         pruned = ~keep | (p.detach() == 0)
         _zero_pruned_(p, pruned, optimizer)
         zeros += int(pruned.sum())
     return zeros
+
+
+def batchnorm_after(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """``{"<module>.weight": batchnorm}`` for each conv / linear layer whose output goes only into a BatchNorm
+    with running statistics, found by tracing the model with ``torch.fx`` (raises a ValueError naming the model
+    if it cannot be traced)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as error:  # fx raises many types for untraceable Python; all mean the same here
+        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to find which BatchNorm follows which "
+                         f"layer ({type(error).__name__}: {error}); use criterion='magnitude'") from error
+    modules = dict(model.named_modules())
+    found = {}
+    for node in graph.nodes:
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.track_running_stats:
+            continue
+        source = node.args[0]
+        layer = modules.get(source.target) if getattr(source, "op", None) == "call_module" else None
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and len(source.users) == 1:
+            found[f"{source.target}.weight"] = norm
+    return found
+
+
+@torch.no_grad()
+def pruning_scores(model: nn.Module, criterion: str = "magnitude") -> list[Tensor]:
+    r"""The importance of each entry of the prunable weights of ``model`` (in :func:`prunable_parameters` order).
+
+    - ``"magnitude"``: :math:`|x|`, the paper's one-shot criterion.
+    - ``"bn-folded"``: :math:`|x_{c\ldots}| \cdot |\gamma_c| / \sqrt{\sigma_c^2 + \epsilon}` for a conv / linear
+      weight whose output channel c feeds a BatchNorm (:func:`batchnorm_after`), i.e. the magnitude of the weight
+      with the BatchNorm folded in, as inference computes with it; :math:`|x|` for the other weights.
+
+    Why fold: a layer followed by BatchNorm computes the same function at any scale of its weights (per output
+    channel), so weight decay, LASSO's shrinkage or PILoT's factors can shrink one layer or channel far more than
+    another at no cost to the loss. Raw magnitudes then compare numbers in different units, and one global
+    threshold can empty a layer that matters (layer collapse). The folded magnitude is invariant to that scale.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"Invalid criterion value: {criterion!r} (need one of {', '.join(CRITERIA)})")
+    params, _ = prunable_parameters(model)
+    if criterion == "magnitude":
+        return [p.detach().abs() for p in params]
+    norms = batchnorm_after(model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    scores = []
+    for p in params:
+        score = p.detach().abs().float()
+        norm = norms.get(names[id(p)])
+        if norm is not None:
+            scale = torch.rsqrt(norm.running_var.float() + norm.eps)
+            if norm.affine:
+                scale = scale * norm.weight.detach().abs().float()
+            score = score * scale.view(-1, *([1] * (p.ndim - 1)))
+        scores.append(score)
+    return scores
 
 
 def apply_masks_(model: nn.Module, masks: dict[str, Tensor], optimizer: Optional[Optimizer] = None) -> None:

@@ -3,6 +3,7 @@ backend and for plain optimizers; sparsity reports; export into torch.nn.utils.p
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from pilot import (FusedPILoTSGD, ProxSGD, apply_masks_, export_masks, export_sparse, prune_, sparsity_report,
                    to_torch_prune)
-from pilot.pruning import keep_mask, pruning_masks
+from pilot.pruning import batchnorm_after, keep_mask, prunable_parameters, pruning_masks, pruning_scores
 from test_parity import BACKENDS, SmallCNN, cnn_loss
 
 
@@ -200,3 +201,89 @@ def test_export_loads_into_torch_prune() -> None:
         assert not weight.detach()[mask == 0].any()
     with pytest.raises(ValueError, match="mask name"):
         to_torch_prune(copy.deepcopy(model), {"conv.weight": torch.ones(6, 3, 3, 3)})
+
+
+# ---------------------------------------------------------------------------------------------- BN-folded scores
+
+class ConvBNNet(nn.Module):
+    """conv -> BN -> relu -> conv -> BN, a conv whose output also feeds a skip (not foldable), and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        y = self.conv3(x)
+        x = self.bn3(y) + y  # conv3's output is used twice: folding its BatchNorm would not be exact
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def trained_conv_bn_net() -> ConvBNNet:
+    torch.manual_seed(0)
+    net = ConvBNNet()
+    with torch.no_grad():
+        for norm in (net.bn1, net.bn2, net.bn3):
+            norm.weight.uniform_(-2, 2)
+            norm.running_var.uniform_(0.01, 4)
+    return net
+
+
+def test_bn_folded_scores_are_the_folded_weights() -> None:
+    net = trained_conv_bn_net()
+    assert set(batchnorm_after(net)) == {"conv1.weight", "conv2.weight"}
+    scores = pruning_scores(net, "bn-folded")
+    # Folding by hand: BatchNorm in eval mode is y = gamma * (z - mean) / sqrt(var + eps) + beta, so the folded
+    # conv weight is w * gamma / sqrt(var + eps) per output channel.
+    for score, (conv, norm) in zip(scores[:2], ((net.conv1, net.bn1), (net.conv2, net.bn2))):
+        folded = torch.stack([conv.weight[c] * norm.weight[c] / math.sqrt(norm.running_var[c] + norm.eps)
+                              for c in range(4)])
+        torch.testing.assert_close(score, folded.abs().detach())
+    torch.testing.assert_close(scores[2], net.conv3.weight.abs().detach())
+    torch.testing.assert_close(scores[3], net.head.weight.abs().detach())
+    assert [s.shape for s in pruning_scores(net)] == [p.shape for p in prunable_parameters(net)[0]]
+
+
+def test_bn_folded_pruning_ignores_a_layer_scale_that_batchnorm_undoes() -> None:
+    """Shrinking conv1 1000x (and its BatchNorm's statistics with it, as training under BatchNorm would) changes
+    neither the function nor which entries bn-folded pruning keeps, while magnitude pruning empties conv1."""
+    net = trained_conv_bn_net()
+    shrunk = trained_conv_bn_net()
+    with torch.no_grad():
+        shrunk.conv1.weight.mul_(1e-3)
+        shrunk.bn1.running_var.mul_(1e-6)
+        shrunk.bn1.eps *= 1e-6
+    inputs = torch.randn(2, 3, 6, 6)
+    net.eval(), shrunk.eval()
+    torch.testing.assert_close(shrunk(inputs), net(inputs))
+    kept = {}
+    for name, model in (("net", net), ("shrunk", shrunk)):
+        copy_ = copy.deepcopy(model)
+        prune_(copy_, 0.6, scores=pruning_scores(model, "bn-folded"))
+        kept[name] = [p != 0 for p in prunable_parameters(copy_)[0]]
+    assert all(torch.equal(a, b) for a, b in zip(kept["net"], kept["shrunk"]))
+    magnitude = copy.deepcopy(shrunk)
+    prune_(magnitude, 0.6)
+    assert int((magnitude.conv1.weight != 0).sum()) == 0  # layer collapse
+
+
+def test_bad_scores_and_untraceable_models() -> None:
+    net = trained_conv_bn_net()
+    with pytest.raises(ValueError, match="scores must match"):
+        prune_(net, 0.5, scores=[torch.ones(3)])
+    with pytest.raises(ValueError, match="criterion"):
+        pruning_scores(net, "movement")
+
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else x  # data-dependent control flow
+
+    with pytest.raises(ValueError, match="cannot trace Untraceable"):
+        pruning_scores(Untraceable(), "bn-folded")

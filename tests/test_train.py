@@ -303,7 +303,7 @@ def test_invalid_schedule_arguments(args: list[str], message: str, capsys: pytes
 def test_configurations_of_earlier_versions_still_load() -> None:
     current, _ = parse_config(["--threshold", "0.02"])
     saved = current.to_json()
-    for key in ("signal", "alpha_update", "accuracy_window", "bn_recalibration"):
+    for key in ("signal", "alpha_update", "accuracy_window", "bn_recalibration", "prune_criterion"):
         del saved[key]
     saved["l1_threshold"], saved["l1_threshold_absolute"] = saved.pop("threshold"), saved.pop("threshold_absolute")
     assert Config.from_json(saved) == current

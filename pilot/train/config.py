@@ -14,7 +14,7 @@ from pilot.data import DATASET_NAMES
 from pilot.iterative import REWIND_MODES
 from pilot.models import MODEL_NAMES
 from pilot.optim import BACKENDS
-from pilot.pruning import SCOPES
+from pilot.pruning import CRITERIA, SCOPES
 from pilot.schedule import SIGNALS
 
 METHODS = ("dense", "pilot", "spred", "lasso", "str")
@@ -46,12 +46,13 @@ ITERATIVE_DEFAULTS = {"prune_rate": 0.2, "rewind": "lrr", "rewind_epoch": 1}
 # (device and backend can change the last bits of the result, but moving a run to another machine is legitimate).
 RUNTIME_KEYS = frozenset({"out", "resume", "overwrite", "device", "backend", "workers", "progress"})
 # Settings of the evaluation after training: --resume of a finished run evaluates it again with new ones.
-FINISH_KEYS = frozenset({"sparsity", "prune_scope", "bn_recalibration"})
+FINISH_KEYS = frozenset({"sparsity", "prune_scope", "prune_criterion", "bn_recalibration"})
 # Keys of configurations written by earlier versions: renamed ones, and new ones with the value they implied.
 RENAMED_KEYS = {"l1_threshold": "threshold", "l1_threshold_absolute": "threshold_absolute"}
 IMPLIED_KEYS = {"signal": lambda saved: "l1" if saved.get("method") == "pilot" else None,
                 "alpha_update": lambda saved: "epoch" if saved.get("method") == "pilot" else None,
-                "accuracy_window": lambda saved: None, "bn_recalibration": lambda saved: 0}
+                "accuracy_window": lambda saved: None, "bn_recalibration": lambda saved: 0,
+                "prune_criterion": lambda saved: "magnitude"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Config:
     str_weight_decay: Optional[float]
     sparsity: tuple[float, ...]
     prune_scope: str
+    prune_criterion: str
     bn_recalibration: int
     cycles: int
     prune_rate: float
@@ -283,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="target sparsities of the final one-shot pruning (a pruned model is saved for each)")
     prune.add_argument("--prune-scope", choices=SCOPES, default="global",
                        help="rank magnitudes across all prunable layers or within each layer")
+    prune.add_argument("--prune-criterion", choices=CRITERIA, default="magnitude",
+                       help="what the final pruning ranks: magnitude |x| (the paper's protocol) or bn-folded, "
+                            "|x| times the following BatchNorm's |gamma| / sqrt(running var + eps) per output "
+                            "channel, which no per-layer rescaling changes (see pilot.pruning.pruning_scores)")
     prune.add_argument("--bn-recalibration", type=_non_negative_int, metavar="BATCHES",
                        help="after pruning, re-estimate the BatchNorm statistics on this many batches of the "
                             "un-augmented training set (same batches for every level and method; only BatchNorm "
@@ -399,6 +405,7 @@ def resolve(args: argparse.Namespace) -> Config:
         str_init=_default(args.str_init, DEFAULT_STR_INIT) if method == "str" else None,
         str_weight_decay=_default(args.str_weight_decay, defaults["str_weight_decay"]) if method == "str" else None,
         sparsity=tuple(sorted(set(args.sparsity))), prune_scope=args.prune_scope,
+        prune_criterion=args.prune_criterion,
         bn_recalibration=_default(args.bn_recalibration, defaults["bn_recalibration"]), cycles=args.cycles,
         **iterative, seed=args.seed,
         device=str(device), bf16=args.bf16, backend=args.backend, workers=workers, out=out, resume=args.resume,

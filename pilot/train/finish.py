@@ -67,7 +67,7 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
 
     curve = one_shot_curve(trained, one_shot_levels(config.sparsity, ONE_SHOT_KEEP_RATE), data.eval, device=device,
                            scope=config.prune_scope, autocast_dtype=autocast_dtype, on_pruned=save_if_target,
-                           recalibration=data.recalibration)
+                           recalibration=data.recalibration, criterion=config.prune_criterion)
     final = progress.history[-1]
     unpruned = {key: final[key] for key in final if key.endswith(("_loss", "_accuracy"))}
     if data.recalibration is not None:  # the same recalibration on the unpruned model, for comparison
@@ -75,6 +75,7 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
         unpruned.update(evaluate_splits(trained, data.eval, device=device, autocast_dtype=autocast_dtype,
                                         suffix=RECALIBRATED))
     save_json({"method": config.method, "model": config.model, "data": config.data, "scope": config.prune_scope,
+               "criterion": config.prune_criterion, "bn_recalibration_batches": config.bn_recalibration,
                "unpruned": unpruned, "levels": curve}, out / ONE_SHOT_JSON)
     title = f"{config.method} / {config.model} / {config.data}"
     plot_one_shot({config.method: curve}, out / ONE_SHOT_PNG, dense_accuracy=final["test_accuracy"], title=title)
