@@ -12,6 +12,7 @@ import torch
 
 from pilot.atomic import atomic_write
 from pilot.evaluate import one_shot_levels
+from pilot.experiments.layer_stats import layer_rows
 from pilot.models import build_model
 from pilot.train import loop as train_loop
 from pilot.train import main, parse_config
@@ -359,6 +360,13 @@ def test_batchnorm_recalibration_and_per_layer_density(tmp_path: Path, data_root
     layers = summary["pruned"][1]["layers"]
     assert len(layers) == 20 and sum(layer["zeros"] for layer in layers) == round(
         0.9 * sum(layer["total"] for layer in layers))
+    # The per-layer statistics of the same run agree with the summary's per-layer densities.
+    stats = layer_rows(out, 0.9)
+    assert [row["layer"] + ".weight" for row in stats] == [layer["name"] for layer in layers]
+    for row, layer in zip(stats, layers):
+        assert row["kept (magnitude)"] == pytest.approx(1 - layer["zeros"] / layer["total"])
+        assert 0 <= row["L1 regime"] <= 1 and row["a median"] > 0
+    assert stats[0]["bn fold"] is not None and stats[-1]["bn fold"] is None  # conv1 -> bn1; fc has none
     assert main(["--out", str(out), "--resume", "--no-progress", "--bn-recalibration", "0"]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["bn_recalibration_batches"] == 0 and "test_accuracy_bn" not in again["pruned"][0]
