@@ -304,7 +304,7 @@ def test_invalid_schedule_arguments(args: list[str], message: str, capsys: pytes
 def test_configurations_of_earlier_versions_still_load() -> None:
     current, _ = parse_config(["--threshold", "0.02"])
     saved = current.to_json()
-    for key in ("signal", "alpha_update", "accuracy_window", "bn_recalibration", "prune_criterion"):
+    for key in ("signal", "alpha_update", "accuracy_window", "bn_recalibration", "prune_criterion", "curve"):
         del saved[key]
     saved["l1_threshold"], saved["l1_threshold_absolute"] = saved.pop("threshold"), saved.pop("threshold_absolute")
     assert Config.from_json(saved) == current
@@ -367,11 +367,13 @@ def test_batchnorm_recalibration_and_per_layer_density(tmp_path: Path, data_root
         assert row["kept (magnitude)"] == pytest.approx(1 - layer["zeros"] / layer["total"])
         assert 0 <= row["L1 regime"] <= 1 and row["a median"] > 0
     assert stats[0]["bn fold"] is not None and stats[-1]["bn fold"] is None  # conv1 -> bn1; fc has none
-    assert main(["--out", str(out), "--resume", "--no-progress", "--bn-recalibration", "0"]) == 0
+    assert main(["--out", str(out), "--resume", "--no-progress", "--bn-recalibration", "0", "--no-curve"]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["bn_recalibration_batches"] == 0 and "test_accuracy_bn" not in again["pruned"][0]
     assert json.loads((out / "config.json").read_text())["bn_recalibration"] == 0
-    assert [row["test_accuracy"] for row in again["one_shot"]] == [row["test_accuracy"] for row in summary["one_shot"]]
+    assert [row["target_sparsity"] for row in again["one_shot"]] == [0.5, 0.9]  # --no-curve: the targets only
+    assert [row["test_accuracy"] for row in again["one_shot"]] == [row["test_accuracy"] for row in summary["one_shot"]
+                                                                   if row["target_sparsity"] in (0.5, 0.9)]
 
 
 def test_learning_rate_schedules() -> None:

@@ -65,7 +65,8 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
         if level == max(targets):
             log.info("per-layer sparsity at %g%%:\n%s", 100 * level, report.table())
 
-    curve = one_shot_curve(trained, one_shot_levels(config.sparsity, ONE_SHOT_KEEP_RATE), data.eval, device=device,
+    levels = one_shot_levels(config.sparsity, ONE_SHOT_KEEP_RATE) if config.curve else sorted(targets)
+    curve = one_shot_curve(trained, levels, data.eval, device=device,
                            scope=config.prune_scope, autocast_dtype=autocast_dtype, on_pruned=save_if_target,
                            recalibration=data.recalibration, criterion=config.prune_criterion)
     final = progress.history[-1]
