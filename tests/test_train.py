@@ -12,6 +12,7 @@ import torch
 
 from pilot.atomic import atomic_write
 from pilot.evaluate import one_shot_levels
+from pilot.experiments import results_table
 from pilot.experiments.layer_stats import layer_rows
 from pilot.models import build_model
 from pilot.train import loop as train_loop
@@ -143,6 +144,20 @@ def test_summary_curve_and_plots(finished_runs: dict[str, Path]) -> None:
     for name in ("curves.png", "one_shot.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "epoch 3/3" in (out / "train.log").read_text()
+
+
+def test_results_table_selects_the_best_run_of_each_method(finished_runs: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture) -> None:
+    runs = [finished_runs[method] for method in METHODS]
+    rows = [results_table.run_row(run, "test") for run in runs]
+    for row, method in zip(rows, METHODS):
+        summary = json.loads((finished_runs[method] / "summary.json").read_text())
+        accuracies = [pruned["test_accuracy"] for pruned in summary["pruned"]]
+        assert row["method"] == method and row["score"] == pytest.approx(sum(accuracies) / len(accuracies))
+    assert results_table.main([str(run) for run in runs] + ["--select"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + len(METHODS) and all(f"| {method} |" in "".join(table) for method in METHODS)
+    assert sum("**" in line for line in table) == len(METHODS)  # one best per method
 
 
 def test_the_default_backend_trains_like_the_eager_one(tmp_path: Path, data_root: Path) -> None:
