@@ -2,9 +2,14 @@
 
 ``python -m pilot.experiments.results_table RUN_DIR [RUN_DIR ...] [--split val] [--select]`` prints one row per run:
 the method and the settings that distinguish it, the accuracy of ``--split`` unpruned and after one-shot pruning
-to each target sparsity (raw / after BatchNorm recalibration where the run has it), the regularisation integral
-(sum over steps of lr x strength), the effective density of the trained weights, and the layers that pruning to
-the highest target empties completely (layer collapse).
+to each target sparsity (raw / after BatchNorm recalibration where the run has it), the effective regularisation
+integral I = sum over steps of lr x strength / (1 - momentum), the effective density of the trained weights, and
+the layers that pruning to the highest target empties completely (layer collapse).
+
+Why divide by 1 - momentum: heavy-ball SGD moves, over more than 1 / (1 - momentum) steps, like plain SGD with the
+learning rate lr / (1 - momentum), weight decay included. So a weight decay alpha on the factors shrinks them by
+about exp(-I), and PILoT's imbalance a_t = beta * exp(-2 I): I is the clock of the implicit bias (10x the plain sum
+of lr * alpha at momentum 0.9).
 
 With ``--select``, the rows are sorted per method by the selection score, the mean ``--split`` accuracy over the
 target sparsities (recalibrated where available), and the best configuration of each method is marked. Select on
@@ -37,7 +42,8 @@ def run_row(run: Path, split: str) -> dict[str, Any]:
     row["levels"] = {pruned["target_sparsity"]: (pruned[f"{split}_accuracy"],
                                                  pruned.get(f"{split}_accuracy{RECALIBRATED}"))
                      for pruned in summary["pruned"]}
-    row["integral"] = final.get("regularisation_integral")
+    integral = final.get("regularisation_integral")
+    row["integral"] = None if integral is None else integral / (1.0 - config["momentum"])
     row["effective_density"] = final.get("effective_density")
     highest = max(summary["pruned"], key=lambda pruned: pruned["target_sparsity"])
     row["collapsed"] = [layer["name"].removesuffix(".weight") for layer in highest["layers"]
@@ -57,7 +63,7 @@ def markdown(rows: list[dict[str, Any]], split: str, select: bool) -> str:
     if select:
         rows = sorted(rows, key=lambda row: (row["method"], -row["score"]))
     header = ["method", "settings", "epochs", "seed", f"{split} unpruned"] + [f"{100 * s:g}%" for s in levels] + [
-        "mean", "sum lr*reg", "eff. density", f"empty at {100 * levels[-1]:g}%", "run"]
+        "mean", "I = sum lr*reg/(1-mom.)", "eff. density", f"empty at {100 * levels[-1]:g}%", "run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = {}
     for row in rows:

@@ -3,8 +3,9 @@
 A :class:`Method` per training schedule (per cycle of iterative pruning): the optimizer, the per-step
 learning-rate schedule (warmup, then cosine or step) and, for pilot, the alpha schedule (Algorithm 1, after each
 epoch or after each optimizer step). It also keeps the run's regularisation integral: the sum over optimizer steps
-of lr times the strength of the method's regularisation, the quantity the implicit bias and the shrinkage depend on
-(a_t = beta * exp(-2 * integral of alpha) for pilot), which is what makes budgets comparable.
+of lr times the strength of the method's regularisation, the quantity the implicit bias and the shrinkage depend on,
+which is what makes budgets comparable. With momentum mu the effective clock is that sum / (1 - mu) (heavy-ball SGD
+moves like SGD with lr / (1 - mu)): pilot's imbalance is a_t = beta * exp(-2 * sum / (1 - mu)).
 The optimizers and schedules are the library's (pilot.optim, pilot.schedule, pilot.baselines); this module only
 wires them to the command line.
 """
