@@ -19,7 +19,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -293,13 +293,25 @@ def fused_step_ranges(contender: Contender) -> tuple[dict[str, list[tuple[int, i
     return ranges, factorised, plain
 
 
-def count_fused_step(contender: Contender, model: str, seed: int = 0) -> KernelTraffic:
-    """One steady-state step of an interpreted FusedPILoTSGD (backend "triton" under TRITON_INTERPRET=1)."""
+def count_fused_step(contender: Contender, model: str, seed: int = 0,
+                     grad_scale: Optional[float] = None) -> KernelTraffic:
+    """One steady-state step of an interpreted FusedPILoTSGD (backend "triton" under TRITON_INTERPRET=1).
+
+    With ``grad_scale``, the step gets it as ``torch.amp.GradScaler.step`` hands it over; the kernel then also
+    writes the unscaled gradient back (one more gradient-sized store: 44 B per fp32 factorised element, 24 per
+    plain one)."""
     contender.fill_random_grads(seed)
     contender.optimizer.step()  # momentum buffers, cached kernel tables
     ranges, factorised, plain = fused_step_ranges(contender)
-    with InterpreterTraffic(ranges) as counter:
-        contender.optimizer.step()
+    optimizer = contender.optimizer
+    if grad_scale is not None:
+        optimizer.grad_scale = torch.tensor(grad_scale, device=optimizer.param_groups[0]["params"][0].device)
+    try:
+        with InterpreterTraffic(ranges) as counter:
+            optimizer.step()
+    finally:
+        if grad_scale is not None:
+            del optimizer.grad_scale
     return KernelTraffic(model, factorised, plain, counter.launches, counter.aten.traffic, counter.loads,
                          counter.stores)
 

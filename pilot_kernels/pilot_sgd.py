@@ -10,7 +10,7 @@ One launch updates every tensor of a (device, dtype) group. Each tensor is eithe
 
 Per element of a factorised tensor (``alpha`` is weight decay on the factors)::
 
-    g   = -g if maximize else g          (g / grad_scale first when a scale is given)
+    g   = -g if maximize else g          (g / grad_scale first when a scale is given, written back to g)
     g_m = g * w + alpha * m ;  g_w = g * m + alpha * w
     b   = g_ on the block's first momentum step, else momentum * b + (1 - dampening) * g_
     g_  = g_ + momentum * b if nesterov else b            (for g_m and g_w)
@@ -28,11 +28,18 @@ weight_decay, momentum, 1 - dampening.
 ``block_table`` (int32, one (tensor row, block index) pair per program), from
 ``build_block_table``.
 
+Rounding: every multiply-add is an explicit ``tl.fma`` in the order torch.optim.SGD's kernels compute it
+(``a.add(b, alpha=c)`` is fma(b, c, a) in torch's CPU and CUDA kernels; ``buf.mul_(momentum).add_(d, alpha=1 -
+dampening)`` rounds the product first), so a compiled kernel rounds plain parameters as torch.optim.SGD does
+and factorised ones as SGD does on the factors. Triton's interpreter evaluates ``tl.fma`` as a product and a sum,
+each rounded to fp32: there results may differ from torch's by an ulp per multiply-add.
+
 Every program handles ``BLOCK_SIZE`` consecutive elements of one tensor. Full blocks of tensors
 whose x and grad are 16-byte aligned take a path without masks and with alignment hints, so every
 stream is moved with 128-bit loads and stores; tail blocks and unaligned tensors take the masked
 path. A program of a factorised tensor writes the block's sum of |x| and count of x != 0 to its
-telemetry slot (deterministic: no atomics); the caller sums the slots.
+telemetry slot (deterministic: no atomics); the caller sums the slots. With a grad_scale the kernel also
+writes the unscaled gradient back (one more store per element, 44 bytes per fp32 factorised element).
 
 Whether a block's momentum buffers already hold a value lives on the device, in its
 ``momentum_started`` slot (int32, 0 = not yet), which the block's own program reads and sets (no
@@ -114,14 +121,16 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 @triton.jit
 def _momentum_direction(d, buf_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov,
                         MASKED: tl.constexpr):
-    """Update the momentum buffer at buf_ptr with direction d; return the step direction."""
+    """Update the momentum buffer at buf_ptr with direction d; return the step direction.
+
+    Multiply-adds are explicit fmas in the order of torch.optim.SGD (see the module docstring)."""
     if first:
         buf = d
     else:
-        buf = momentum * _load(buf_ptr, offs, mask, MASKED) + one_minus_dampening * d
+        buf = tl.fma(d, one_minus_dampening, momentum * _load(buf_ptr, offs, mask, MASKED))
     _store(buf_ptr, offs, buf, mask, MASKED)
     # One return statement: Triton inlines the helper, so the caller's alignment facts reach these accesses.
-    return tl.where(nesterov, d + momentum * buf, buf)
+    return tl.where(nesterov, tl.fma(buf, momentum, d), buf)
 
 
 @triton.jit
@@ -148,7 +157,10 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
 
     g = _load(grad_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale_ptr)  # unscale on load, as torch's fused optimizers do
+        # Unscale on load and write the unscaled gradient back, as torch's fused optimizers do: code that reads
+        # .grad after GradScaler.step (norm logging, a second step) must see the true gradient.
+        g = g / tl.load(grad_scale_ptr)
+        _store(grad_ptr, offs, g.to(X_DTYPE), mask, MASKED)
     if (flags & _FLAG_MAXIMIZE) != 0:
         g = -g
     if (flags & _FLAG_FACTORISED) != 0:
@@ -157,8 +169,8 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
         w_ptr = factor_ptr + tl.multiple_of(tl.load(row + _COL_W), _SEGMENT_ALIGN)
         m = _load(m_ptr, offs, mask, MASKED)
         w = _load(w_ptr, offs, mask, MASKED)
-        d_m = g * w + alpha * m
-        d_w = g * m + alpha * w
+        d_m = tl.fma(m, alpha, g * w)
+        d_w = tl.fma(w, alpha, g * m)
         if has_momentum:
             buf_m_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_M), _SEGMENT_ALIGN)
             buf_w_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_W), _SEGMENT_ALIGN)
@@ -166,8 +178,8 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
                                       MASKED)
             d_w = _momentum_direction(d_w, buf_w_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov,
                                       MASKED)
-        m = m - lr * d_m
-        w = w - lr * d_w
+        m = tl.fma(d_m, -lr, m)
+        w = tl.fma(d_w, -lr, w)
         _store(m_ptr, offs, m, mask, MASKED)
         _store(w_ptr, offs, w, mask, MASKED)
         x = (m * w).to(X_DTYPE)
@@ -179,11 +191,11 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
     else:
         weight_decay = tl.load(hyper + _HYPER_WEIGHT_DECAY)
         x_old = _load(x_ptr, offs, mask, MASKED).to(tl.float32)
-        d = g + weight_decay * x_old
+        d = tl.fma(x_old, weight_decay, g)
         if has_momentum:
             buf_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_M), _SEGMENT_ALIGN)
             d = _momentum_direction(d, buf_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov, MASKED)
-        _store(x_ptr, offs, (x_old - lr * d).to(X_DTYPE), mask, MASKED)
+        _store(x_ptr, offs, tl.fma(d, -lr, x_old).to(X_DTYPE), mask, MASKED)
     if first:
         tl.store(started_ptr + slot, 1)
 
