@@ -31,8 +31,7 @@ PLAIN_KEYS = ("momentum_buffer",)
 BUFFER_KEYS = {True: FACTOR_KEYS[2:], False: PLAIN_KEYS}  # by "factorised"
 MOMENTUM_STARTED = "momentum_started"  # state dict only: whether the (always present) buffers hold a value
 # read from device tensors by the step when capturable=True: group key -> hyper_table column
-CAPTURABLE_COLUMNS = {"lr": _kernel.HYPER_LR, "alpha": _kernel.HYPER_ALPHA}
-_SEGMENT_ALIGN = 32  # elements; keeps every flat segment 128-byte aligned for vector accesses
+CAPTURABLE_COLUMNS = {key: _kernel.HyperRow._fields.index(key) for key in ("lr", "alpha")}
 _FP32_MAX = torch.finfo(torch.float32).max
 
 
@@ -92,17 +91,14 @@ class _Bucket:
         self.factors = self.momentum = self.l1_slots = self.nnz_slots = self.started = torch.empty(0)
         self.slot_groups = torch.empty(0, dtype=torch.int64)
         self.block_tables: dict[tuple[int, ...], Tensor] = {}
-        self.tensor_table: tuple[tuple[tuple[int, ...], ...], Optional[Tensor]] = ((), None)
-        self.hyper_table: tuple[tuple[tuple[float, ...], ...], Optional[Tensor]] = ((), None)
+        # (key, table on the device): the key is what the host built the table from, to notice changes
+        self.tensor_table: tuple[tuple[tuple[int, int, int], ...], Optional[Tensor]] = ((), None)
+        self.hyper_table: tuple[tuple[_kernel.HyperRow, ...], Optional[Tensor]] = ((), None)
         self.captured_tables: list[Tensor] = []  # tables a CUDA graph may still read: never freed
 
     def slots_of(self, numel: int) -> int:
         """Slots of a tensor: one per kernel block on the Triton path, one per tensor on the torch path."""
         return _kernel.telemetry_slots(numel) if self.path == "triton" else 1
-
-
-def _padded(numel: int) -> int:
-    return -(-numel // _SEGMENT_ALIGN) * _SEGMENT_ALIGN
 
 
 def is_non_overlapping_and_dense(t: Tensor) -> bool:
@@ -444,7 +440,7 @@ class FusedPILoTSGD(Optimizer):
     def _allocate(self, bucket: _Bucket) -> None:
         factor_size = momentum_size = slots = 0
         for e in bucket.entries:
-            size = _padded(e.numel)
+            size = _kernel.padded(e.numel)
             e.buf_m_offset = momentum_size
             if e.factorised:
                 e.m_offset, e.w_offset = factor_size, factor_size + size
@@ -617,10 +613,12 @@ class FusedPILoTSGD(Optimizer):
                 e.version = _local(e.param)._version
         return loss
 
-    def _hyper_row(self, group: dict[str, Any]) -> tuple[float, ...]:
+    def _hyper_row(self, group: dict[str, Any]) -> _kernel.HyperRow:
         """The group's row of the hyper table; with capturable=True, lr and alpha are filled in on the device."""
         lr, alpha = (0.0, 0.0) if self._capturable else (float(group["lr"]), float(group["alpha"]))
-        return lr, alpha, float(group["weight_decay"]), float(group["momentum"]), 1.0 - float(group["dampening"])
+        return _kernel.HyperRow(lr=lr, alpha=alpha, weight_decay=float(group["weight_decay"]),
+                                momentum=float(group["momentum"]),
+                                one_minus_dampening=1.0 - float(group["dampening"]))
 
     def _collect(self, bucket: _Bucket, stepped: list[_Entry]) -> list[tuple[_Entry, Tensor, int]]:
         """(entry, dense gradient, kernel flags) of the non-empty entries among ``stepped`` (those with a gradient).
@@ -663,11 +661,15 @@ class FusedPILoTSGD(Optimizer):
     def _launch(self, bucket: _Bucket, work: list[tuple[_Entry, Tensor, int]], hypers: tuple[tuple[float, ...], ...],
                 grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         device = bucket.device
-        # e.x_ptr is current: step() has just run _sync()
-        rows = tuple((e.x_ptr, grad.data_ptr(), e.numel, e.m_offset, e.w_offset, e.buf_m_offset, e.buf_w_offset,
-                      flags, e.group, e.slot) for e, grad, flags in work)
-        if bucket.tensor_table[0] != rows:
-            bucket.tensor_table = (rows, self._upload(device, lambda: torch.tensor(rows, dtype=torch.int64)))
+        # The rest of a row is fixed by the layout (a new one makes a new bucket); e.x_ptr is current: step() has
+        # just run _sync().
+        key = tuple((e.x_ptr, grad.data_ptr(), flags) for e, grad, flags in work)
+        if bucket.tensor_table[0] != key:
+            rows = [_kernel.TensorRow(x=e.x_ptr, grad=grad.data_ptr(), numel=e.numel, m=e.m_offset, w=e.w_offset,
+                                      buf_m=e.buf_m_offset, buf_w=e.buf_w_offset, flags=flags, hyper=e.group,
+                                      slot=e.slot) for e, grad, flags in work]
+            bucket.tensor_table = (key, self._upload(
+                device, lambda: torch.tensor(rows, dtype=_kernel.TENSOR_TABLE_DTYPE)))
         self._update_hyper_table(bucket, hypers)
         active = tuple(id(e) for e, _, _ in work)
         if active not in bucket.block_tables:
@@ -696,7 +698,7 @@ class FusedPILoTSGD(Optimizer):
         on the device (no host sync: the copy reads the group tensors, so a captured graph sees in-place edits)."""
         if bucket.hyper_table[0] != hypers:
             table = bucket.hyper_table[1]
-            new = self._upload(bucket.device, lambda: torch.tensor(hypers, dtype=torch.float32))
+            new = self._upload(bucket.device, lambda: torch.tensor(hypers, dtype=_kernel.HYPER_TABLE_DTYPE))
             if self._capturable and table is not None and table.shape == new.shape:
                 table.copy_(new)  # in place: a captured graph keeps reading this table
                 new = table
@@ -741,12 +743,13 @@ class FusedPILoTSGD(Optimizer):
                 plain_batches.setdefault((e.group, first), []).append((e, g))
                 continue
             if e.group not in group_scalars:
-                group = self.param_groups[e.group]
+                group, hyper = self.param_groups[e.group], hypers[e.group]
                 group_scalars[e.group] = (
-                    *(torch.tensor(v, dtype=torch.float32, device=device) for v in hypers[e.group]),
+                    *(torch.tensor(v, dtype=torch.float32, device=device)
+                      for v in (hyper.lr, hyper.alpha, hyper.momentum, hyper.one_minus_dampening)),
                     torch.tensor(-1.0 if group["maximize"] else 1.0, device=device),
                     torch.tensor(bool(group["nesterov"]), device=device))
-            lr, alpha, _, momentum, one_minus_dampening, sign, nesterov = group_scalars[e.group]
+            lr, alpha, momentum, one_minus_dampening, sign, nesterov = group_scalars[e.group]
             m, w, buf_m, buf_w, l1_slot, nnz_slot = e.flat
             if not has_momentum:
                 buf_m = buf_w = None
