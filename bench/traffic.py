@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pilot.factorisation import is_factorised
 from pilot.reference import factor_pairs
 
 from .contenders import GRAD_SCALE, Contender
@@ -278,7 +279,7 @@ def fused_step_ranges(contender: Contender) -> tuple[dict[str, list[tuple[int, i
 
     for p in contender.trained:
         state = contender.optimizer.state[p]
-        kind = "factorised" if "m" in state else "plain"
+        kind = "factorised" if is_factorised(contender.optimizer, p) else "plain"
         add(f"{kind} x", p)
         add(f"{kind} g", p.grad)
         if kind == "factorised":

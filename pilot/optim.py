@@ -13,7 +13,8 @@ from torch.optim import Optimizer
 from pilot_kernels import KERNELS_INTERPRETED
 from pilot_kernels import pilot_sgd as _kernel
 
-from .factorization import check_beta, factorize
+from .factorisation import (BUFFER_KEYS, FACTOR_KEYS, MOMENTUM_STARTED, PLAIN_KEYS, check_beta, factorise,
+                            is_factorised, is_factorised_state, is_prunable)
 from .torch_step import FactorisedStep
 
 try:  # FSDP2 parameters are DTensors; torch may be built without distributed support
@@ -26,10 +27,6 @@ __all__ = ["FusedPILoTSGD"]
 
 BACKENDS = ("auto", "triton", "compile", "eager")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-FACTOR_KEYS = ("m", "w", "momentum_buffer_m", "momentum_buffer_w")
-PLAIN_KEYS = ("momentum_buffer",)
-BUFFER_KEYS = {True: FACTOR_KEYS[2:], False: PLAIN_KEYS}  # by "factorised"
-MOMENTUM_STARTED = "momentum_started"  # state dict only: whether the (always present) buffers hold a value
 # read from device tensors by the step when capturable=True: group key -> hyper_table column
 CAPTURABLE_COLUMNS = {key: _kernel.HyperRow._fields.index(key) for key in ("lr", "alpha")}
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -196,7 +193,7 @@ class FusedPILoTSGD(Optimizer):
     The model stays an ordinary dense model; the optimizer owns the factors. For every factorised parameter x
     it keeps fp32 tensors m, w (and momentum buffers b_m, b_w) and, given the dense gradient g = dL/dx, applies
     exactly what ``torch.optim.SGD(weight_decay=alpha)`` applies to the factors of a model parametrised as
-    x = m * w (see :mod:`pilot.reference`):
+    x = m * w (see :mod:`pilot.reference`; the math: ``docs/math.md``):
 
     .. math::
         \begin{aligned}
@@ -333,7 +330,7 @@ class FusedPILoTSGD(Optimizer):
         for p in group["params"]:
             local = _local(p)
             if self._factorises(p, group):
-                m0, w0 = factorize(local.detach(), group["beta"])
+                m0, w0 = factorise(local.detach(), group["beta"])
                 with torch.no_grad():
                     local.copy_(m0 * w0)
                 self.state[p] = {"m": m0, "w": w0, "momentum_buffer_m": None, "momentum_buffer_w": None}
@@ -344,7 +341,7 @@ class FusedPILoTSGD(Optimizer):
 
     @staticmethod
     def _factorises(p: Tensor, group: dict[str, Any]) -> bool:
-        return p.ndim >= 2 if group["reparam"] is None else bool(group["reparam"])  # global ndim for a DTensor
+        return is_prunable(p) if group["reparam"] is None else bool(group["reparam"])
 
     def _check_params(self, group: dict[str, Any]) -> None:
         for index, p in enumerate(group["params"]):
@@ -427,7 +424,7 @@ class FusedPILoTSGD(Optimizer):
                 if shard_groups not in telemetry_index:  # same order on every rank: the order of the groups
                     telemetry_index[shard_groups] = len(self._telemetry_groups)
                     self._telemetry_groups.append((shard_groups, local.device))
-                entry = _Entry(p, group_index, "m" in self.state[p], tuple(local.shape), local.numel(),
+                entry = _Entry(p, group_index, is_factorised(self, p), tuple(local.shape), local.numel(),
                                telemetry_index[shard_groups])
                 if not is_non_overlapping_and_dense(local):  # only plain parameters can be (see _check_params)
                     entry.stage = torch.empty(local.shape, dtype=local.dtype, device=local.device)
@@ -551,7 +548,7 @@ class FusedPILoTSGD(Optimizer):
                 m, w = state["m"], state["w"]
                 changed = local != (m * w).to(local.dtype)
                 if bool(changed.any()):
-                    m0, w0 = factorize(local, self.param_groups[e.group]["beta"])
+                    m0, w0 = factorise(local, self.param_groups[e.group]["beta"])
                     m.copy_(torch.where(changed, m0, m))
                     w.copy_(torch.where(changed, w0, w))
                     for key in e.buffer_keys:
@@ -828,7 +825,7 @@ class FusedPILoTSGD(Optimizer):
                 continue
             for p, index in zip(group["params"], saved["params"]):
                 entry = dict(state_dict["state"][index])  # a copy: torch's state dict shares our state's dicts
-                keys = BUFFER_KEYS["m" in entry]
+                keys = BUFFER_KEYS[is_factorised_state(entry)]
                 entry[MOMENTUM_STARTED] = entry[keys[0]] is not None
                 for key in keys:
                     if entry[key] is None:
@@ -891,19 +888,19 @@ class FusedPILoTSGD(Optimizer):
         self.state.update(new_state)
         with torch.no_grad():
             for p, param_state in new_state.items():
-                if "m" in param_state:
+                if is_factorised_state(param_state):
                     _local(p).copy_(param_state["m"] * param_state["w"])
         self._layout()
 
     def _loaded_param_state(self, p: Tensor, saved: dict[str, Any], saved_id: Any, dense: bool) -> dict[str, Any]:
-        factorised = "m" in self.state[p]
+        factorised = is_factorised(self, p)
         expected = FACTOR_KEYS if factorised else PLAIN_KEYS
         where = f"parameter {saved_id} (shape {tuple(p.shape)})"
-        if factorised and ("m" not in saved or "w" not in saved):
+        if factorised and not all(key in saved for key in FACTOR_KEYS[:2]):
             hint = (" (it looks like a dense torch.optim.SGD state dict: load the model's weights and create "
                     "FusedPILoTSGD afterwards, which factorises them)") if dense else ""
             raise ValueError(f"state dict has no factors m, w for the factorised {where}{hint}")
-        if not factorised and "m" in saved:
+        if not factorised and is_factorised_state(saved):
             raise ValueError(f"state dict has factors for {where}, which this optimizer does not factorise")
         started = saved.get(MOMENTUM_STARTED)
         if started is not None and not isinstance(started, bool):
