@@ -1,13 +1,20 @@
+import re
+
 from setuptools import find_packages, setup
+
+# The version is written once, in pilot/__init__.py (read as text: importing pilot needs torch).
+with open("pilot/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 setup(
     name="pilot",
-    version="0.1.0",
+    version=VERSION,
     description="Triton-fused PILoT sparse training (x = m * w with dynamic weight decay) for PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pilot", "pilot.*", "pilot_kernels", "pilot_kernels.*", "bench", "bench.*"]),
+    # bench/ runs from the checkout (python -m bench): installed, a top-level "bench" would shadow other packages
+    packages=find_packages(include=["pilot", "pilot.*", "pilot_kernels", "pilot_kernels.*"]),
     install_requires=["torch", "triton", "numpy"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "torchvision", "tqdm", "matplotlib", "pillow"],

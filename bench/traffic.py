@@ -19,13 +19,14 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pilot.factorisation import is_factorised
 from pilot.reference import factor_pairs
 
 from .contenders import GRAD_SCALE, Contender
@@ -278,7 +279,7 @@ def fused_step_ranges(contender: Contender) -> tuple[dict[str, list[tuple[int, i
 
     for p in contender.trained:
         state = contender.optimizer.state[p]
-        kind = "factorised" if "m" in state else "plain"
+        kind = "factorised" if is_factorised(contender.optimizer, p) else "plain"
         add(f"{kind} x", p)
         add(f"{kind} g", p.grad)
         if kind == "factorised":
@@ -293,13 +294,25 @@ def fused_step_ranges(contender: Contender) -> tuple[dict[str, list[tuple[int, i
     return ranges, factorised, plain
 
 
-def count_fused_step(contender: Contender, model: str, seed: int = 0) -> KernelTraffic:
-    """One steady-state step of an interpreted FusedPILoTSGD (backend "triton" under TRITON_INTERPRET=1)."""
+def count_fused_step(contender: Contender, model: str, seed: int = 0,
+                     grad_scale: Optional[float] = None) -> KernelTraffic:
+    """One steady-state step of an interpreted FusedPILoTSGD (backend "triton" under TRITON_INTERPRET=1).
+
+    With ``grad_scale``, the step gets it as ``torch.amp.GradScaler.step`` hands it over; the kernel then also
+    writes the unscaled gradient back (one more gradient-sized store: 44 B per fp32 factorised element, 24 per
+    plain one)."""
     contender.fill_random_grads(seed)
     contender.optimizer.step()  # momentum buffers, cached kernel tables
     ranges, factorised, plain = fused_step_ranges(contender)
-    with InterpreterTraffic(ranges) as counter:
-        contender.optimizer.step()
+    optimizer = contender.optimizer
+    if grad_scale is not None:
+        optimizer.grad_scale = torch.tensor(grad_scale, device=optimizer.param_groups[0]["params"][0].device)
+    try:
+        with InterpreterTraffic(ranges) as counter:
+            optimizer.step()
+    finally:
+        if grad_scale is not None:
+            del optimizer.grad_scale
     return KernelTraffic(model, factorised, plain, counter.launches, counter.aten.traffic, counter.loads,
                          counter.stores)
 

@@ -1,7 +1,7 @@
 """pilot: Triton-fused PILoT sparse training (x = m * w with a dynamic weight decay on the factors)."""
 from .baselines import (ProxSGD, SoftThreshold, lasso_param_groups, remove_str_, soft_threshold, spred_optimizer,
                         str_param_groups, to_str_model)
-from .factorization import factorize
+from .factorisation import factorise, is_factorised, is_prunable
 from .iterative import IterativePruning, PruningCycle
 from .optim import FusedPILoTSGD
 from .pruning import (SparsityReport, apply_masks_, export_masks, export_sparse, prune_, sparsity_report,
@@ -10,7 +10,7 @@ from .schedule import (AlphaScheduler, ConstantAlpha, GeometricAlpha, HarmonicAl
                        alpha_schedule)
 
 __all__ = [
-    "FusedPILoTSGD", "factorize",
+    "FusedPILoTSGD", "factorise", "is_factorised", "is_prunable",
     "PILoTSchedule", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha", "GeometricAlpha",
     "alpha_schedule",
     "prune_", "apply_masks_", "sparsity_report", "SparsityReport", "export_masks", "export_sparse", "to_torch_prune",

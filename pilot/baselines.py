@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .factorisation import is_prunable
 from .optim import FusedPILoTSGD, check_number
 
 __all__ = ["spred_optimizer", "ProxSGD", "soft_threshold", "lasso_param_groups", "SoftThreshold", "to_str_model",
@@ -84,8 +85,8 @@ class ProxSGD(torch.optim.SGD):
 
 
 def _split(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-    weights = [p for p in model.parameters() if p.ndim >= 2]
-    others = [p for p in model.parameters() if p.ndim < 2]
+    weights = [p for p in model.parameters() if is_prunable(p)]
+    others = [p for p in model.parameters() if not is_prunable(p)]
     return weights, others
 
 

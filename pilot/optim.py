@@ -13,7 +13,8 @@ from torch.optim import Optimizer
 from pilot_kernels import KERNELS_INTERPRETED
 from pilot_kernels import pilot_sgd as _kernel
 
-from .factorization import check_beta, factorize
+from .factorisation import (BUFFER_KEYS, FACTOR_KEYS, MOMENTUM_STARTED, PLAIN_KEYS, check_beta, factorise,
+                            is_factorised, is_factorised_state, is_prunable)
 from .torch_step import FactorisedStep
 
 try:  # FSDP2 parameters are DTensors; torch may be built without distributed support
@@ -26,13 +27,8 @@ __all__ = ["FusedPILoTSGD"]
 
 BACKENDS = ("auto", "triton", "compile", "eager")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-FACTOR_KEYS = ("m", "w", "momentum_buffer_m", "momentum_buffer_w")
-PLAIN_KEYS = ("momentum_buffer",)
-BUFFER_KEYS = {True: FACTOR_KEYS[2:], False: PLAIN_KEYS}  # by "factorised"
-MOMENTUM_STARTED = "momentum_started"  # state dict only: whether the (always present) buffers hold a value
 # read from device tensors by the step when capturable=True: group key -> hyper_table column
-CAPTURABLE_COLUMNS = {"lr": _kernel.HYPER_LR, "alpha": _kernel.HYPER_ALPHA}
-_SEGMENT_ALIGN = 32  # elements; keeps every flat segment 128-byte aligned for vector accesses
+CAPTURABLE_COLUMNS = {key: _kernel.HyperRow._fields.index(key) for key in ("lr", "alpha")}
 _FP32_MAX = torch.finfo(torch.float32).max
 
 
@@ -57,13 +53,24 @@ class _Entry:
     slot: int = 0  # first slot (one per kernel block, or one per tensor on the torch path)
     data_ptr: int = 0  # to notice `.data` being replaced ...
     version: int = 0  # ... or the parameter being written outside the optimizer
-    # 1-D detached views for the torch path: x in memory order, then m, w, b_m, b_w (plain: b) and telemetry slots
+    # A plain parameter that is not dense in memory is stepped in this dense copy (the kernel and the torch path
+    # walk x in memory order), copied in before and back after each step; None for every other parameter.
+    stage: Optional[Tensor] = None
+    x_ptr: int = 0  # address the step writes x to: the parameter's, or its stage's
+    # 1-D detached views for the torch path: x (or its stage) in memory order, then m, w, b_m, b_w (plain: b) and
+    # telemetry slots
     x_flat: Optional[Tensor] = None
     flat: tuple[Optional[Tensor], ...] = ()
 
     @property
     def buffer_keys(self) -> tuple[str, ...]:
         return BUFFER_KEYS[self.factorised]
+
+    @property
+    def state_stride(self) -> tuple[int, ...]:
+        """Strides of the state tensors: the parameter's own (so that the kernel walks x, g and the state in one
+        memory order), or, for a staged parameter, its stage's (contiguous)."""
+        return self.stage.stride() if self.stage is not None else _local(self.param).stride()
 
 
 class _Bucket:
@@ -77,20 +84,18 @@ class _Bucket:
     def __init__(self, device: torch.device, dtype: torch.dtype, path: str) -> None:
         self.device, self.dtype, self.path = device, dtype, path
         self.entries: list[_Entry] = []
+        self.staged: list[_Entry] = []  # entries with a stage (see _Entry.stage)
         self.factors = self.momentum = self.l1_slots = self.nnz_slots = self.started = torch.empty(0)
         self.slot_groups = torch.empty(0, dtype=torch.int64)
         self.block_tables: dict[tuple[int, ...], Tensor] = {}
-        self.tensor_table: tuple[tuple[tuple[int, ...], ...], Optional[Tensor]] = ((), None)
-        self.hyper_table: tuple[tuple[tuple[float, ...], ...], Optional[Tensor]] = ((), None)
+        # (key, table on the device): the key is what the host built the table from, to notice changes
+        self.tensor_table: tuple[tuple[tuple[int, int, int], ...], Optional[Tensor]] = ((), None)
+        self.hyper_table: tuple[tuple[_kernel.HyperRow, ...], Optional[Tensor]] = ((), None)
         self.captured_tables: list[Tensor] = []  # tables a CUDA graph may still read: never freed
 
     def slots_of(self, numel: int) -> int:
         """Slots of a tensor: one per kernel block on the Triton path, one per tensor on the torch path."""
         return _kernel.telemetry_slots(numel) if self.path == "triton" else 1
-
-
-def _padded(numel: int) -> int:
-    return -(-numel // _SEGMENT_ALIGN) * _SEGMENT_ALIGN
 
 
 def is_non_overlapping_and_dense(t: Tensor) -> bool:
@@ -188,7 +193,7 @@ class FusedPILoTSGD(Optimizer):
     The model stays an ordinary dense model; the optimizer owns the factors. For every factorised parameter x
     it keeps fp32 tensors m, w (and momentum buffers b_m, b_w) and, given the dense gradient g = dL/dx, applies
     exactly what ``torch.optim.SGD(weight_decay=alpha)`` applies to the factors of a model parametrised as
-    x = m * w (see :mod:`pilot.reference`):
+    x = m * w (see :mod:`pilot.reference`; the math: ``docs/math.md``):
 
     .. math::
         \begin{aligned}
@@ -222,6 +227,8 @@ class FusedPILoTSGD(Optimizer):
             (the torch path without compiling).
         capturable: the step reads ``lr`` and ``alpha`` from device tensors and never synchronises with the
             host, so that it can be captured in a CUDA graph (see below). Needs the Triton path.
+        foreach, fused: accepted so that code written for :class:`torch.optim.SGD` runs unchanged, and ignored:
+            the step is always fused (``backend`` chooses how).
 
     State (``optimizer.state[p]``): ``"m"``, ``"w"``, ``"momentum_buffer_m"``, ``"momentum_buffer_w"`` for a
     factorised p, ``"momentum_buffer"`` otherwise, each shaped like p (buffers are None until the first step
@@ -237,10 +244,23 @@ class FusedPILoTSGD(Optimizer):
     After each step, :meth:`l1_norm` and :meth:`density` give sum |x| and the fraction of x != 0 over the
     factorised parameters, computed by the step pass itself.
 
+    Exactness against torch. Plain parameters: the torch paths (``"compile"``, ``"eager"``) call torch's fused SGD
+    kernel and equal ``torch.optim.SGD(fused=True)`` bit for bit (torch's default implementation rounds the
+    momentum buffer differently on about one element in a thousand). The Triton kernel computes every
+    multiply-add as an fma in the order of torch.optim.SGD's own kernels, so compiled it rounds as
+    ``torch.optim.SGD`` does (checked on CPU in an interpreter that rounds fmas once; not yet on a GPU); Triton's
+    interpreter rounds an fma's product and sum separately, so there results differ by about an ulp on a
+    fraction of the elements. Factorised parameters: the kernel, likewise, against :mod:`pilot.reference`
+    (SGD on the factors); the compiled torch path lets inductor round as it likes (close, not bit-exact).
+    Plain parameters may have gaps in memory (views such as ``t[..., 0]``): they are stepped in a dense copy,
+    written back after the step; factorised ones must be dense.
+
     Mixed precision and ``torch.amp.GradScaler``: ``GradScaler.step(optimizer)`` hands the optimizer its scale
     and found-inf flag (``_step_supports_amp_scaling``); the kernel divides the gradients by the scale as it
-    loads them and skips the whole step on the device when found_inf is set (the torch path reads found_inf on
-    the host). A first momentum step that is skipped stays a first step (b = g at the next step).
+    loads them and writes the unscaled gradients back into ``.grad`` (as torch's fused optimizers do, so that
+    code reading ``.grad`` after the step sees true values), and skips the whole step on the device when
+    found_inf is set (the torch path reads found_inf on the host), leaving ``.grad`` as it was. A first momentum
+    step that is skipped stays a first step (b = g at the next step).
 
     CUDA graphs (``capturable=True``): ``group["lr"]`` and ``group["alpha"]`` become 0-d fp32 tensors on the
     parameters' device (numbers are converted when a group is added or loaded) and are read on the device at
@@ -266,7 +286,11 @@ class FusedPILoTSGD(Optimizer):
     def __init__(self, params: Union[Iterable[Tensor], Iterable[dict[str, Any]]], lr: Union[float, Tensor] = 1e-3,
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  alpha: Union[float, Tensor] = 0.0, beta: float = 1.0, reparam: Optional[bool] = None,
-                 maximize: bool = False, backend: str = "auto", capturable: bool = False) -> None:
+                 maximize: bool = False, backend: str = "auto", capturable: bool = False,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None) -> None:
+        for name, value in (("foreach", foreach), ("fused", fused)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"Invalid {name} value: expected None or a bool, got {value!r}")
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r} (need one of {', '.join(BACKENDS)})")
         if not isinstance(capturable, bool):
@@ -306,7 +330,7 @@ class FusedPILoTSGD(Optimizer):
         for p in group["params"]:
             local = _local(p)
             if self._factorises(p, group):
-                m0, w0 = factorize(local.detach(), group["beta"])
+                m0, w0 = factorise(local.detach(), group["beta"])
                 with torch.no_grad():
                     local.copy_(m0 * w0)
                 self.state[p] = {"m": m0, "w": w0, "momentum_buffer_m": None, "momentum_buffer_w": None}
@@ -317,7 +341,7 @@ class FusedPILoTSGD(Optimizer):
 
     @staticmethod
     def _factorises(p: Tensor, group: dict[str, Any]) -> bool:
-        return p.ndim >= 2 if group["reparam"] is None else bool(group["reparam"])  # global ndim for a DTensor
+        return is_prunable(p) if group["reparam"] is None else bool(group["reparam"])
 
     def _check_params(self, group: dict[str, Any]) -> None:
         for index, p in enumerate(group["params"]):
@@ -332,9 +356,12 @@ class FusedPILoTSGD(Optimizer):
             if group["reparam"] and p.ndim == 0:
                 raise ValueError(f"reparam=True: {where} is 0-d; only tensors with at least one dimension "
                                  "are factorised")
-            if local.is_sparse or not is_non_overlapping_and_dense(local):
-                raise ValueError(f"{where} is not a dense tensor (it overlaps or has gaps in memory); "
-                                 "pass the parameter itself, not a strided view")
+            if local.is_sparse:
+                raise ValueError(f"{where} is a sparse tensor; pass dense parameters")
+            if self._factorises(p, group) and not is_non_overlapping_and_dense(local):
+                raise ValueError(f"{where} is not a dense tensor (it overlaps or has gaps in memory), which a "
+                                 "factorised parameter must be; pass the parameter itself, not a strided view "
+                                 "(or put it in a group with reparam=False)")
             if self._capturable and self._path_for(local.device) != "triton":
                 raise ValueError(f"capturable=True needs the Triton kernel, but {where} on {local.device} takes "
                                  f"the torch path (backend={self._backend!r}); use CUDA tensors (or "
@@ -349,7 +376,8 @@ class FusedPILoTSGD(Optimizer):
             local = _local(p)
             if local.numel():
                 start = local.data_ptr()
-                spans.append((local.device, start, start + local.numel() * local.element_size(), tuple(p.shape)))
+                extent = 1 + sum((size - 1) * stride for size, stride in zip(local.shape, local.stride()))
+                spans.append((local.device, start, start + extent * local.element_size(), tuple(p.shape)))
         spans.sort(key=lambda span: (str(span[0]), span[1]))
         for (device, _, end, shape), (next_device, next_start, _, next_shape) in zip(spans, spans[1:]):
             if device == next_device and next_start < end:
@@ -396,8 +424,12 @@ class FusedPILoTSGD(Optimizer):
                 if shard_groups not in telemetry_index:  # same order on every rank: the order of the groups
                     telemetry_index[shard_groups] = len(self._telemetry_groups)
                     self._telemetry_groups.append((shard_groups, local.device))
-                buckets[key].entries.append(_Entry(p, group_index, "m" in self.state[p], tuple(local.shape),
-                                                   local.numel(), telemetry_index[shard_groups]))
+                entry = _Entry(p, group_index, is_factorised(self, p), tuple(local.shape), local.numel(),
+                               telemetry_index[shard_groups])
+                if not is_non_overlapping_and_dense(local):  # only plain parameters can be (see _check_params)
+                    entry.stage = torch.empty(local.shape, dtype=local.dtype, device=local.device)
+                    buckets[key].staged.append(entry)
+                buckets[key].entries.append(entry)
         for bucket in buckets.values():
             self._allocate(bucket)
         self._buckets = list(buckets.values())
@@ -405,7 +437,7 @@ class FusedPILoTSGD(Optimizer):
     def _allocate(self, bucket: _Bucket) -> None:
         factor_size = momentum_size = slots = 0
         for e in bucket.entries:
-            size = _padded(e.numel)
+            size = _kernel.padded(e.numel)
             e.buf_m_offset = momentum_size
             if e.factorised:
                 e.m_offset, e.w_offset = factor_size, factor_size + size
@@ -436,7 +468,7 @@ class FusedPILoTSGD(Optimizer):
             local = _local(e.param)
             for key, storage, offset in placements:
                 if state.get(key) is not None:
-                    view = storage.as_strided(local.shape, local.stride(), offset)
+                    view = storage.as_strided(local.shape, e.state_stride, offset)
                     view.copy_(_local(state[key]))
                     state[key] = _like_param(view, e.param)
             # detached (no _base), so that torch.compile guards on sizes only
@@ -457,7 +489,9 @@ class FusedPILoTSGD(Optimizer):
         """Remember the parameter as the optimizer leaves it, and recompute its telemetry from its value."""
         local = _local(e.param)
         e.data_ptr, e.version = local.data_ptr(), local._version
-        e.x_flat = _flat(local).detach()
+        x = local if e.stage is None else e.stage
+        e.x_ptr = x.data_ptr()
+        e.x_flat = _flat(x).detach()
         if not e.factorised or e.numel == 0:
             return
         x = _flat(local.detach()).float()
@@ -501,20 +535,26 @@ class FusedPILoTSGD(Optimizer):
                 f"{local.dtype}, {tuple(local.shape)}; was {bucket.device}, {bucket.dtype}, {e.shape}); create the "
                 "optimizer after moving or converting the model")
         if not is_non_overlapping_and_dense(local):
-            raise ValueError(f"a parameter of shape {e.shape} was replaced by a tensor that is not dense")
+            if e.factorised:
+                raise ValueError(f"a factorised parameter of shape {e.shape} was replaced by a tensor that is not "
+                                 "dense; replace it by a dense one (e.g. .contiguous())")
+            if e.stage is None:
+                return True  # needs a stage from now on
+        elif e.stage is not None:
+            return True  # dense again: step it in place
         state = {key: None if value is None else _local(value) for key, value in self.state[e.param].items()}
         if e.factorised:
             with torch.no_grad():
                 m, w = state["m"], state["w"]
                 changed = local != (m * w).to(local.dtype)
                 if bool(changed.any()):
-                    m0, w0 = factorize(local, self.param_groups[e.group]["beta"])
+                    m0, w0 = factorise(local, self.param_groups[e.group]["beta"])
                     m.copy_(torch.where(changed, m0, m))
                     w.copy_(torch.where(changed, w0, w))
                     for key in e.buffer_keys:
                         if state[key] is not None:
                             state[key].masked_fill_(changed, 0.0)
-        if any(t is not None and t.stride() != local.stride() for t in state.values()):
+        if any(t is not None and t.stride() != e.state_stride for t in state.values()):
             return True  # `.data` replaced by another memory layout (e.g. channels_last): state must follow
         self._record(bucket, e)
         return False
@@ -550,21 +590,32 @@ class FusedPILoTSGD(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for bucket in self._buckets:
             stepped = [e for e in bucket.entries if e.param.grad is not None]
+            staged = [e for e in bucket.staged if e.param.grad is not None]
+            for e in staged:
+                e.stage.copy_(_local(e.param))
             work = self._collect(bucket, stepped)
             if work and bucket.path == "triton":
                 self._launch(bucket, work, hypers, grad_scale, found_inf)
             elif work and not self._run_torch(bucket, work, hypers, grad_scale, found_inf):
                 continue  # skipped (GradScaler found inf): nothing happened
+            if grad_scale is not None:  # the step unscaled copies of these gradients: unscale .grad too
+                for e, grad, _ in work:
+                    if grad.data_ptr() != _local(e.param.grad).data_ptr():
+                        _local(e.param.grad).copy_(grad)
+            for e in staged:
+                _local(e.param).copy_(e.stage)
             for e in stepped:
                 if self.state[e.param][e.buffer_keys[0]] is None and self.param_groups[e.group]["momentum"] != 0:
                     self._expose_buffers(bucket, e)
                 e.version = _local(e.param)._version
         return loss
 
-    def _hyper_row(self, group: dict[str, Any]) -> tuple[float, ...]:
+    def _hyper_row(self, group: dict[str, Any]) -> _kernel.HyperRow:
         """The group's row of the hyper table; with capturable=True, lr and alpha are filled in on the device."""
         lr, alpha = (0.0, 0.0) if self._capturable else (float(group["lr"]), float(group["alpha"]))
-        return lr, alpha, float(group["weight_decay"]), float(group["momentum"]), 1.0 - float(group["dampening"])
+        return _kernel.HyperRow(lr=lr, alpha=alpha, weight_decay=float(group["weight_decay"]),
+                                momentum=float(group["momentum"]),
+                                one_minus_dampening=1.0 - float(group["dampening"]))
 
     def _collect(self, bucket: _Bucket, stepped: list[_Entry]) -> list[tuple[_Entry, Tensor, int]]:
         """(entry, dense gradient, kernel flags) of the non-empty entries among ``stepped`` (those with a gradient).
@@ -579,9 +630,9 @@ class FusedPILoTSGD(Optimizer):
             if p.grad.layout != torch.strided:
                 raise TypeError(f"FusedPILoTSGD does not support sparse gradients (parameter of shape "
                                 f"{tuple(p.shape)} has a {p.grad.layout} gradient)")
-            local, grad = _local(p), _local(p.grad)
-            if grad.stride() != local.stride():  # the kernel walks x and its gradient in the same memory order
-                grad = torch.empty_like(local).copy_(grad)
+            grad = _local(p.grad)
+            if grad.stride() != e.state_stride:  # the kernel walks x and its gradient in the same memory order
+                grad = torch.empty_like(_local(p) if e.stage is None else e.stage).copy_(grad)
             group = self.param_groups[e.group]
             flags = 0
             if e.factorised:
@@ -592,7 +643,7 @@ class FusedPILoTSGD(Optimizer):
                 flags |= _kernel.FLAG_NESTEROV
             if group["maximize"]:
                 flags |= _kernel.FLAG_MAXIMIZE
-            if local.data_ptr() % _kernel.ADDRESS_ALIGN == 0 and grad.data_ptr() % _kernel.ADDRESS_ALIGN == 0:
+            if e.x_ptr % _kernel.ADDRESS_ALIGN == 0 and grad.data_ptr() % _kernel.ADDRESS_ALIGN == 0:
                 flags |= _kernel.FLAG_ALIGNED
             work.append((e, grad, flags))
         return work
@@ -602,16 +653,20 @@ class FusedPILoTSGD(Optimizer):
         local = _local(e.param)
         for key, offset in zip(e.buffer_keys, (e.buf_m_offset, e.buf_w_offset)):
             if state[key] is None:
-                state[key] = _like_param(bucket.momentum.as_strided(local.shape, local.stride(), offset), e.param)
+                state[key] = _like_param(bucket.momentum.as_strided(local.shape, e.state_stride, offset), e.param)
 
     def _launch(self, bucket: _Bucket, work: list[tuple[_Entry, Tensor, int]], hypers: tuple[tuple[float, ...], ...],
                 grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         device = bucket.device
-        # e.data_ptr is the parameter's current address: step() has just run _sync()
-        rows = tuple((e.data_ptr, grad.data_ptr(), e.numel, e.m_offset, e.w_offset, e.buf_m_offset, e.buf_w_offset,
-                      flags, e.group, e.slot) for e, grad, flags in work)
-        if bucket.tensor_table[0] != rows:
-            bucket.tensor_table = (rows, self._upload(device, lambda: torch.tensor(rows, dtype=torch.int64)))
+        # The rest of a row is fixed by the layout (a new one makes a new bucket); e.x_ptr is current: step() has
+        # just run _sync().
+        key = tuple((e.x_ptr, grad.data_ptr(), flags) for e, grad, flags in work)
+        if bucket.tensor_table[0] != key:
+            rows = [_kernel.TensorRow(x=e.x_ptr, grad=grad.data_ptr(), numel=e.numel, m=e.m_offset, w=e.w_offset,
+                                      buf_m=e.buf_m_offset, buf_w=e.buf_w_offset, flags=flags, hyper=e.group,
+                                      slot=e.slot) for e, grad, flags in work]
+            bucket.tensor_table = (key, self._upload(
+                device, lambda: torch.tensor(rows, dtype=_kernel.TENSOR_TABLE_DTYPE)))
         self._update_hyper_table(bucket, hypers)
         active = tuple(id(e) for e, _, _ in work)
         if active not in bucket.block_tables:
@@ -640,7 +695,7 @@ class FusedPILoTSGD(Optimizer):
         on the device (no host sync: the copy reads the group tensors, so a captured graph sees in-place edits)."""
         if bucket.hyper_table[0] != hypers:
             table = bucket.hyper_table[1]
-            new = self._upload(bucket.device, lambda: torch.tensor(hypers, dtype=torch.float32))
+            new = self._upload(bucket.device, lambda: torch.tensor(hypers, dtype=_kernel.HYPER_TABLE_DTYPE))
             if self._capturable and table is not None and table.shape == new.shape:
                 table.copy_(new)  # in place: a captured graph keeps reading this table
                 new = table
@@ -685,12 +740,13 @@ class FusedPILoTSGD(Optimizer):
                 plain_batches.setdefault((e.group, first), []).append((e, g))
                 continue
             if e.group not in group_scalars:
-                group = self.param_groups[e.group]
+                group, hyper = self.param_groups[e.group], hypers[e.group]
                 group_scalars[e.group] = (
-                    *(torch.tensor(v, dtype=torch.float32, device=device) for v in hypers[e.group]),
+                    *(torch.tensor(v, dtype=torch.float32, device=device)
+                      for v in (hyper.lr, hyper.alpha, hyper.momentum, hyper.one_minus_dampening)),
                     torch.tensor(-1.0 if group["maximize"] else 1.0, device=device),
                     torch.tensor(bool(group["nesterov"]), device=device))
-            lr, alpha, _, momentum, one_minus_dampening, sign, nesterov = group_scalars[e.group]
+            lr, alpha, momentum, one_minus_dampening, sign, nesterov = group_scalars[e.group]
             m, w, buf_m, buf_w, l1_slot, nnz_slot = e.flat
             if not has_momentum:
                 buf_m = buf_w = None
@@ -709,8 +765,10 @@ class FusedPILoTSGD(Optimizer):
                               dampening=float(group["dampening"]), nesterov=group["nesterov"],
                               maximize=group["maximize"], is_first_step=first, grad_scale=scale)
             if bucket.dtype != torch.float32:
-                for (e, _), updated in zip(items, params):
+                for (e, g), updated, unscaled in zip(items, params, grads):
                     e.x_flat.copy_(updated)
+                    if scale is not None:  # torch's kernel unscaled the fp32 copy of the gradient
+                        g.copy_(unscaled)
         return True
 
     # ------------------------------------------------------------------ telemetry
@@ -767,7 +825,7 @@ class FusedPILoTSGD(Optimizer):
                 continue
             for p, index in zip(group["params"], saved["params"]):
                 entry = dict(state_dict["state"][index])  # a copy: torch's state dict shares our state's dicts
-                keys = BUFFER_KEYS["m" in entry]
+                keys = BUFFER_KEYS[is_factorised_state(entry)]
                 entry[MOMENTUM_STARTED] = entry[keys[0]] is not None
                 for key in keys:
                     if entry[key] is None:
@@ -776,8 +834,11 @@ class FusedPILoTSGD(Optimizer):
         return state_dict
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._backend = state.pop("backend", getattr(self, "_backend", "auto"))
-        self._capturable = state.pop("capturable", getattr(self, "_capturable", False))
+        if "backend" not in state:  # torch's load_state_dict hands over only the loaded state and groups
+            self._adopt_loaded(state["state"], state["param_groups"])
+            return
+        self._backend = state.pop("backend")
+        self._capturable = state.pop("capturable")
         super().__setstate__(state)
         self._factorised_step = None
         self._layout()
@@ -792,34 +853,32 @@ class FusedPILoTSGD(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (any device); factors stay fp32 whatever the model dtype.
 
-        The parameters are set to round(m * w) of the loaded factors, so the model and the optimizer agree
-        whichever of the two is loaded first. State of a DTensor parameter may come sharded (a DTensor, e.g.
-        from torch.distributed.checkpoint) or whole; each rank keeps its shard. A dense optimizer's state dict
-        (e.g. ``torch.optim.SGD``'s) is rejected: its momentum lives in x-space and has no counterpart for the
-        factors; load the model's weights instead and create the optimizer after, which factorises them.
+        torch.optim's own loading (hooks, group checks, ``param_names``), with the state converted here rather
+        than cast to the parameters' dtype. The parameters are set to round(m * w) of the loaded factors, so the
+        model and the optimizer agree whichever of the two is loaded first. State of a DTensor parameter may come
+        sharded (a DTensor, e.g. from torch.distributed.checkpoint) or whole; each rank keeps its shard. A dense
+        optimizer's state dict (e.g. ``torch.optim.SGD``'s) is rejected: its momentum lives in x-space and has no
+        counterpart for the factors; load the model's weights instead and create the optimizer after, which
+        factorises them. A state dict that is rejected leaves the optimizer as it was.
         """
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has "
-                             f"{len(self.param_groups)}")
-        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(f"loaded state dict's group {index} has {len(saved['params'])} parameters, the "
-                                 f"optimizer's has {len(group['params'])}")
-        dense = not any("alpha" in saved for saved in saved_groups)
-        id_map = {saved_id: p for group, saved in zip(self.param_groups, saved_groups)
-                  for saved_id, p in zip(saved["params"], group["params"])}
+        # Registered for this call only, so it runs after any hook of the user's.
+        handle = self.register_load_state_dict_pre_hook(_pass_state_uncast)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+
+    def _adopt_loaded(self, state: dict[Any, Any], param_groups: list[dict[str, Any]]) -> None:
+        """Check and convert what torch's load_state_dict matched to our parameters; then take it over."""
+        dense = not any("alpha" in group for group in param_groups)
         new_state: dict[Tensor, dict[str, Any]] = {}
-        for saved_id, p in id_map.items():
-            new_state[p] = self._loaded_param_state(p, state_dict["state"].get(saved_id, {}), saved_id, dense)
+        for group in param_groups:
+            for p in group["params"]:
+                saved = state[p]
+                new_state[p] = self._loaded_param_state(p, saved.state, saved.saved_id, dense)
         new_groups = []
-        for group, saved in zip(self.param_groups, saved_groups):
-            new_group = {**self.defaults, **saved, "params": group["params"]}
+        for group in param_groups:
+            new_group = {**self.defaults, **group}
             _check_group(new_group)
             if self._capturable:
                 self._make_capturable(new_group, keep=set())
@@ -828,22 +887,20 @@ class FusedPILoTSGD(Optimizer):
         self.state.clear()
         self.state.update(new_state)
         with torch.no_grad():
-            for p, state in new_state.items():
-                if "m" in state:
-                    _local(p).copy_(state["m"] * state["w"])
+            for p, param_state in new_state.items():
+                if is_factorised_state(param_state):
+                    _local(p).copy_(param_state["m"] * param_state["w"])
         self._layout()
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
     def _loaded_param_state(self, p: Tensor, saved: dict[str, Any], saved_id: Any, dense: bool) -> dict[str, Any]:
-        factorised = "m" in self.state[p]
+        factorised = is_factorised(self, p)
         expected = FACTOR_KEYS if factorised else PLAIN_KEYS
         where = f"parameter {saved_id} (shape {tuple(p.shape)})"
-        if factorised and ("m" not in saved or "w" not in saved):
+        if factorised and not all(key in saved for key in FACTOR_KEYS[:2]):
             hint = (" (it looks like a dense torch.optim.SGD state dict: load the model's weights and create "
                     "FusedPILoTSGD afterwards, which factorises them)") if dense else ""
             raise ValueError(f"state dict has no factors m, w for the factorised {where}{hint}")
-        if not factorised and "m" in saved:
+        if not factorised and is_factorised_state(saved):
             raise ValueError(f"state dict has factors for {where}, which this optimizer does not factorise")
         started = saved.get(MOMENTUM_STARTED)
         if started is not None and not isinstance(started, bool):
@@ -866,6 +923,23 @@ class FusedPILoTSGD(Optimizer):
             loaded[key] = _local_shard_of(value.detach(), p).to(device=_local(p).device, dtype=torch.float32,
                                                                  copy=True)
         return loaded
+
+
+@dataclass(frozen=True)
+class _Uncast:
+    """A parameter's saved state on its way through torch's load_state_dict, which leaves objects of unknown type
+    alone: torch would cast state tensors to the parameter's dtype (bf16 factors) and could not reshard
+    DTensor state. ``saved_id`` is the parameter's index in the state dict, for error messages."""
+
+    saved_id: Any
+    state: dict[str, Any]
+
+
+def _pass_state_uncast(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """load_state_dict pre-hook: wrap every saved parameter's state (empty if it has none) in an _Uncast."""
+    saved = state_dict["state"]
+    ids = [saved_id for group in state_dict["param_groups"] for saved_id in group["params"]]
+    return {**state_dict, "state": {saved_id: _Uncast(saved_id, saved.get(saved_id, {})) for saved_id in ids}}
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 from torch.optim import Optimizer
 
+from .factorisation import FACTOR_KEYS, PLAIN_KEYS, is_factorised, is_prunable
 from .optim import FusedPILoTSGD
 
 __all__ = ["prune_", "apply_masks_", "prunable_parameters", "named_prunable_weights", "pruning_masks", "keep_mask",
@@ -36,7 +37,7 @@ Target = Union[Optimizer, nn.Module]
 
 
 def _default_selection(name: str, parameter: Tensor) -> bool:
-    return parameter.ndim >= 2  # conv and linear weights, as FusedPILoTSGD's reparam=None
+    return is_prunable(parameter)
 
 
 # ---------------------------------------------------------------------------------------------- choosing entries
@@ -114,13 +115,14 @@ def _zero_pruned_(p: Tensor, pruned: Tensor, optimizer: Optional[Optimizer]) -> 
     if optimizer is None:
         return
     state = optimizer.state.get(p, {})
-    if "m" in state:  # factorised: (0, 0) with zero momentum is a fixed point of the step
-        for key in ("m", "w", "momentum_buffer_m", "momentum_buffer_w"):
+    if is_factorised(optimizer, p):  # (0, 0) with zero momentum is a fixed point of the step
+        for key in FACTOR_KEYS:
             if state[key] is not None:
                 state[key].masked_fill_(pruned, 0.0)
         return
-    if state.get("momentum_buffer") is not None:
-        state["momentum_buffer"].masked_fill_(pruned, 0.0)
+    buffer_key, = PLAIN_KEYS
+    if state.get(buffer_key) is not None:
+        state[buffer_key].masked_fill_(pruned, 0.0)
     hook = _MASK_HOOKS.get(optimizer)
     if hook is None:
         hook = _MASK_HOOKS[optimizer] = _MaskHook()
@@ -131,10 +133,10 @@ def _zero_pruned_(p: Tensor, pruned: Tensor, optimizer: Optional[Optimizer]) -> 
 def prunable_parameters(target: Target) -> tuple[list[Tensor], Optional[Optimizer]]:
     """The tensors :func:`prune_` works on (see there), and the optimizer whose state follows them."""
     if isinstance(target, FusedPILoTSGD):
-        params = [p for group in target.param_groups for p in group["params"] if "m" in target.state[p]]
+        params = [p for group in target.param_groups for p in group["params"] if is_factorised(target, p)]
         return params, target
     if isinstance(target, Optimizer):
-        return [p for group in target.param_groups for p in group["params"] if p.ndim >= 2], target
+        return [p for group in target.param_groups for p in group["params"] if is_prunable(p)], target
     if isinstance(target, nn.Module):
         return [p for name, p in target.named_parameters() if _default_selection(name, p)], None
     raise TypeError(f"Invalid target: expected a torch.optim.Optimizer or an nn.Module, got "

@@ -1,6 +1,7 @@
 """The eager reference: PILoT as a ``torch.nn.utils.parametrize`` parametrisation trained with torch.optim.SGD.
 
-Independent of the fused code (only the initial factors are shared, :func:`pilot.factorization.factorize`):
+Independent of the fused code (only the definitions of :mod:`pilot.factorisation` are shared: the initial factors
+and which parameters are prunable):
 each factorised weight becomes two fp32 parameters m, w and the module computes ``m * w`` in its forward.
 ``torch.optim.SGD`` with ``weight_decay=alpha`` on (m, w) is then exactly PILoT's step, which is what
 :class:`pilot.FusedPILoTSGD` fuses. Usable directly, e.g. with other optimizers::
@@ -16,12 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .factorization import check_beta, factorize
+from .factorisation import check_beta, factorise, is_prunable
 
-__all__ = ["PILoTFactorization", "parametrize_model", "factor_pairs", "reference_param_groups"]
+__all__ = ["PILoTFactorisation", "parametrize_model", "factor_pairs", "reference_param_groups"]
 
 
-class PILoTFactorization(nn.Module):
+class PILoTFactorisation(nn.Module):
     """x = m * w with fp32 factors; ``right_inverse`` gives PILoT's init (m0^2 - w0^2 = beta)."""
 
     def __init__(self, beta: float = 1.0) -> None:
@@ -35,16 +36,16 @@ class PILoTFactorization(nn.Module):
 
     def right_inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.dtype = x.dtype
-        return factorize(x, self.beta)
+        return factorise(x, self.beta)
 
 
 def _default_selection(name: str, parameter: Tensor) -> bool:
-    return parameter.ndim >= 2
+    return is_prunable(parameter)
 
 
 def parametrize_model(model: nn.Module, beta: float = 1.0, *,
                       select: Optional[Callable[[str, Tensor], bool]] = None) -> list[str]:
-    """Parametrise every selected parameter of ``model`` (default: ndim >= 2) as m * w, in place.
+    """Parametrise every selected parameter of ``model`` (default: :func:`pilot.factorisation.is_prunable`) as m * w, in place.
 
     Returns the qualified names of the factorised parameters. Their factors are
     ``module.parametrizations[name].original0`` (m) and ``.original1`` (w); see :func:`factor_pairs`.
@@ -53,7 +54,7 @@ def parametrize_model(model: nn.Module, beta: float = 1.0, *,
     targets = [(module_name, module, name) for module_name, module in model.named_modules()
                for name, parameter in list(module.named_parameters(recurse=False)) if select(name, parameter)]
     for _, module, name in targets:
-        parametrize.register_parametrization(module, name, PILoTFactorization(beta))
+        parametrize.register_parametrization(module, name, PILoTFactorisation(beta))
     return [f"{module_name}.{name}" if module_name else name for module_name, _, name in targets]
 
 
@@ -64,7 +65,7 @@ def factor_pairs(model: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Parameter
         if not parametrize.is_parametrized(module):
             continue
         for name, parametrization in module.parametrizations.items():
-            if any(isinstance(p, PILoTFactorization) for p in parametrization):
+            if any(isinstance(p, PILoTFactorisation) for p in parametrization):
                 key = f"{module_name}.{name}" if module_name else name
                 pairs[key] = (parametrization.original0, parametrization.original1)
     return pairs

@@ -11,7 +11,7 @@ state dict carries the current alphas.
   schedules of the paper's diagonal-network experiment, :math:`\alpha_k = \alpha_0 \cdot f(k)` after k calls of
   ``step()``; :func:`alpha_schedule` builds one by name.
 
-Why alpha matters (``shared/docs/pilot-math.md``): in x-space the flow is
+Why alpha matters (``docs/math.md``, "Factorisation"): in x-space the flow is
 :math:`\dot x = -\sqrt{4x^2 + a_t^2}\,\nabla f(x) - 2\alpha_t x` with :math:`a_t = \beta e^{-2\int_0^t \alpha_s ds}`.
 A large integral of alpha shrinks :math:`a_t` (the implicit bias moves from L2 to L1); alpha decaying to 0
 removes the explicit shrinkage :math:`-2\alpha_t x`, so the limit is unbiased.
@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Optional
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .factorisation import is_factorised
 from .optim import check_number
 
 __all__ = ["PILoTSchedule", "SIGNALS", "effective_density", "factorised_weights", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha",
@@ -31,9 +32,8 @@ __all__ = ["PILoTSchedule", "SIGNALS", "effective_density", "factorised_weights"
 
 
 def factorised_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
-    """The param groups of ``optimizer`` that hold at least one factorised parameter (``"m"`` in its state)."""
-    groups = [group for group in optimizer.param_groups
-              if any("m" in optimizer.state.get(p, {}) for p in group["params"])]
+    """The param groups of ``optimizer`` that hold at least one factorised parameter."""
+    groups = [group for group in optimizer.param_groups if any(is_factorised(optimizer, p) for p in group["params"])]
     if not groups:
         raise ValueError("optimizer has no factorised parameter: alpha schedules need a pilot.FusedPILoTSGD "
                          "that factorises at least one parameter")
@@ -112,7 +112,7 @@ def effective_density(tensors: Iterable[Tensor]) -> float:
 
 def factorised_weights(optimizer: Optimizer) -> list[Tensor]:
     """The factorised parameters of ``optimizer`` (they hold x = m * w)."""
-    return [p for group in factorised_groups(optimizer) for p in group["params"] if "m" in optimizer.state[p]]
+    return [p for group in factorised_groups(optimizer) for p in group["params"] if is_factorised(optimizer, p)]
 
 
 class PILoTSchedule(AlphaScheduler):

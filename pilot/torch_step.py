@@ -29,10 +29,12 @@ def factorised_step_(grad: Tensor, x: Tensor, m: Tensor, w: Tensor, buf_m: Optio
                      l1_out: Tensor, nnz_out: Tensor, lr: Tensor, alpha: Tensor, momentum: Tensor,
                      one_minus_dampening: Tensor, sign: Tensor, first: Tensor, nesterov: Tensor,
                      grad_scale: Optional[Tensor]) -> None:
-    """One PILoT-SGD step of x = m * w in place; writes sum |x| and count(x != 0) to l1_out, nnz_out."""
+    """One PILoT-SGD step of x = m * w in place; writes sum |x| and count(x != 0) to l1_out, nnz_out, and the
+    unscaled gradient back to grad when a grad_scale is given."""
     g = grad.float()
     if grad_scale is not None:
         g = g / grad_scale
+        grad.copy_(g.to(grad.dtype))  # the unscaled gradient, as torch's fused optimizers leave it
     g = g * sign
     d_m = g * w + alpha * m
     d_w = g * m + alpha * w

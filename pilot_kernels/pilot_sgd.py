@@ -10,7 +10,7 @@ One launch updates every tensor of a (device, dtype) group. Each tensor is eithe
 
 Per element of a factorised tensor (``alpha`` is weight decay on the factors)::
 
-    g   = -g if maximize else g          (g / grad_scale first when a scale is given)
+    g   = -g if maximize else g          (g / grad_scale first when a scale is given, written back to g)
     g_m = g * w + alpha * m ;  g_w = g * m + alpha * w
     b   = g_ on the block's first momentum step, else momentum * b + (1 - dampening) * g_
     g_  = g_ + momentum * b if nesterov else b            (for g_m and g_w)
@@ -18,21 +18,28 @@ Per element of a factorised tensor (``alpha`` is weight decay on the factors)::
 
 The kernel knows nothing of optimizers: the caller describes the tensors in three tables.
 
-``tensor_table`` (int64, one row of ``TABLE_COLUMNS`` per tensor, see the ``COL_*`` indices):
-addresses of x and its gradient (``data_ptr()``), numel, element offsets of m, w, b_m, b_w in
-the flat storages (multiples of ``SEGMENT_ALIGN``), ``FLAG_*`` bits, the row of the tensor's
-hyper-parameters in ``hyper_table``, and its first slot (one slot per block in ``l1_slots``,
-``nnz_slots`` and ``momentum_started``).
-``hyper_table`` (fp32, one row of ``HYPER_COLUMNS`` per parameter group): lr, alpha,
+``tensor_table`` (``TENSOR_TABLE_DTYPE``, one :class:`TensorRow` per tensor): addresses of x and
+its gradient, numel, element offsets of m, w, b_m, b_w in the flat storages (multiples of
+``SEGMENT_ALIGN``: lay segments out with :func:`padded`), ``FLAG_*`` bits, the tensor's row in
+``hyper_table`` and its first slot (one slot per block in ``l1_slots``, ``nnz_slots`` and
+``momentum_started``).
+``hyper_table`` (``HYPER_TABLE_DTYPE``, one :class:`HyperRow` per parameter group): lr, alpha,
 weight_decay, momentum, 1 - dampening.
-``block_table`` (int32, one (tensor row, block index) pair per program), from
+``block_table`` (``BLOCK_TABLE_DTYPE``, one (tensor row, block index) pair per program), from
 ``build_block_table``.
+
+Rounding: every multiply-add is an explicit ``tl.fma`` in the order torch.optim.SGD's kernels compute it
+(``a.add(b, alpha=c)`` is fma(b, c, a) in torch's CPU and CUDA kernels; ``buf.mul_(momentum).add_(d, alpha=1 -
+dampening)`` rounds the product first), so a compiled kernel rounds plain parameters as torch.optim.SGD does
+and factorised ones as SGD does on the factors. Triton's interpreter evaluates ``tl.fma`` as a product and a sum,
+each rounded to fp32: there results may differ from torch's by an ulp per multiply-add.
 
 Every program handles ``BLOCK_SIZE`` consecutive elements of one tensor. Full blocks of tensors
 whose x and grad are 16-byte aligned take a path without masks and with alignment hints, so every
 stream is moved with 128-bit loads and stores; tail blocks and unaligned tensors take the masked
 path. A program of a factorised tensor writes the block's sum of |x| and count of x != 0 to its
-telemetry slot (deterministic: no atomics); the caller sums the slots.
+telemetry slot (deterministic: no atomics); the caller sums the slots. With a grad_scale the kernel also
+writes the unscaled gradient back (one more store per element, 44 bytes per fp32 factorised element).
 
 Whether a block's momentum buffers already hold a value lives on the device, in its
 ``momentum_started`` slot (int32, 0 = not yet), which the block's own program reads and sets (no
@@ -42,7 +49,7 @@ stay the same from the first step on, which CUDA graph capture needs.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -50,16 +57,50 @@ import triton.language as tl
 
 BLOCK_SIZE = 1024  # elements per program: 8 per thread with 4 warps, i.e. two 128-bit fp32 vectors
 NUM_WARPS = 4
-SEGMENT_ALIGN = 32  # flat-storage segments start on 128-byte boundaries (fp32), for aligned vectors
+# Flat-storage segments start on 128-byte boundaries (fp32), for aligned vectors. The kernel asserts it on every
+# offset (tl.multiple_of): callers must lay segments out with padded().
+SEGMENT_ALIGN = 32
 ADDRESS_ALIGN = 16  # bytes: x and grad addresses needed for the vectorised path
 _INT32_MAX = 2**31 - 1
 
-# tensor_table columns
-COL_X, COL_GRAD, COL_NUMEL, COL_M, COL_W, COL_BUF_M, COL_BUF_W, COL_FLAGS, COL_HYPER, COL_SLOT = range(10)
-TABLE_COLUMNS = 10
-# hyper_table columns
-HYPER_LR, HYPER_ALPHA, HYPER_WEIGHT_DECAY, HYPER_MOMENTUM, HYPER_ONE_MINUS_DAMPENING = range(5)
-HYPER_COLUMNS = 5
+TENSOR_TABLE_DTYPE = torch.int64
+HYPER_TABLE_DTYPE = torch.float32
+BLOCK_TABLE_DTYPE = torch.int32
+
+
+class TensorRow(NamedTuple):
+    """One row of ``tensor_table``: where the kernel finds a tensor and its state. Columns in field order."""
+
+    x: int  # address of x (data_ptr())
+    grad: int  # address of its gradient, laid out in x's memory order
+    numel: int
+    m: int  # element offset of m in the factor storage (factorised tensors only)
+    w: int  # element offset of w in the factor storage (factorised tensors only)
+    buf_m: int  # element offset of b_m in the momentum storage; a plain tensor's buffer b
+    buf_w: int  # element offset of b_w in the momentum storage (factorised tensors only)
+    flags: int  # FLAG_* bits
+    hyper: int  # the tensor's row of hyper_table (its parameter group)
+    slot: int  # its first slot in l1_slots, nnz_slots and momentum_started (one slot per block)
+
+
+class HyperRow(NamedTuple):
+    """One row of ``hyper_table``: the hyper-parameters of a parameter group. Columns in field order."""
+
+    lr: float
+    alpha: float  # weight decay on the factors
+    weight_decay: float  # weight decay of plain tensors
+    momentum: float
+    one_minus_dampening: float
+
+
+TABLE_COLUMNS = len(TensorRow._fields)
+HYPER_COLUMNS = len(HyperRow._fields)
+
+
+def padded(numel: int) -> int:
+    """Elements a segment of ``numel`` takes in a flat storage, so that the next one starts SEGMENT_ALIGN-aligned."""
+    return -(-numel // SEGMENT_ALIGN) * SEGMENT_ALIGN
+
 
 FLAG_FACTORISED = 1  # x = m * w; else plain SGD (b_m is its momentum buffer, m/w/b_w unused)
 FLAG_MOMENTUM = 2  # momentum != 0: read/write the buffers (b = g where the block's momentum has not started)
@@ -67,23 +108,24 @@ FLAG_NESTEROV = 4
 FLAG_MAXIMIZE = 8
 FLAG_ALIGNED = 16  # x and grad are ADDRESS_ALIGN-byte aligned: full blocks may use vector accesses
 
-# The same layout as compile-time constants: Triton kernels only read globals that are constexpr objects.
-_COL_X = tl.constexpr(COL_X)
-_COL_GRAD = tl.constexpr(COL_GRAD)
-_COL_NUMEL = tl.constexpr(COL_NUMEL)
-_COL_M = tl.constexpr(COL_M)
-_COL_W = tl.constexpr(COL_W)
-_COL_BUF_M = tl.constexpr(COL_BUF_M)
-_COL_BUF_W = tl.constexpr(COL_BUF_W)
-_COL_FLAGS = tl.constexpr(COL_FLAGS)
-_COL_HYPER = tl.constexpr(COL_HYPER)
-_COL_SLOT = tl.constexpr(COL_SLOT)
+# The row layouts as compile-time column indices (Triton kernels only read globals that are constexpr objects),
+# taken from the row types by field name.
+_COL_X = tl.constexpr(TensorRow._fields.index("x"))
+_COL_GRAD = tl.constexpr(TensorRow._fields.index("grad"))
+_COL_NUMEL = tl.constexpr(TensorRow._fields.index("numel"))
+_COL_M = tl.constexpr(TensorRow._fields.index("m"))
+_COL_W = tl.constexpr(TensorRow._fields.index("w"))
+_COL_BUF_M = tl.constexpr(TensorRow._fields.index("buf_m"))
+_COL_BUF_W = tl.constexpr(TensorRow._fields.index("buf_w"))
+_COL_FLAGS = tl.constexpr(TensorRow._fields.index("flags"))
+_COL_HYPER = tl.constexpr(TensorRow._fields.index("hyper"))
+_COL_SLOT = tl.constexpr(TensorRow._fields.index("slot"))
 _TABLE_COLUMNS = tl.constexpr(TABLE_COLUMNS)
-_HYPER_LR = tl.constexpr(HYPER_LR)
-_HYPER_ALPHA = tl.constexpr(HYPER_ALPHA)
-_HYPER_WEIGHT_DECAY = tl.constexpr(HYPER_WEIGHT_DECAY)
-_HYPER_MOMENTUM = tl.constexpr(HYPER_MOMENTUM)
-_HYPER_ONE_MINUS_DAMPENING = tl.constexpr(HYPER_ONE_MINUS_DAMPENING)
+_HYPER_LR = tl.constexpr(HyperRow._fields.index("lr"))
+_HYPER_ALPHA = tl.constexpr(HyperRow._fields.index("alpha"))
+_HYPER_WEIGHT_DECAY = tl.constexpr(HyperRow._fields.index("weight_decay"))
+_HYPER_MOMENTUM = tl.constexpr(HyperRow._fields.index("momentum"))
+_HYPER_ONE_MINUS_DAMPENING = tl.constexpr(HyperRow._fields.index("one_minus_dampening"))
 _HYPER_COLUMNS = tl.constexpr(HYPER_COLUMNS)
 _FLAG_FACTORISED = tl.constexpr(FLAG_FACTORISED)
 _FLAG_MOMENTUM = tl.constexpr(FLAG_MOMENTUM)
@@ -114,14 +156,16 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 @triton.jit
 def _momentum_direction(d, buf_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov,
                         MASKED: tl.constexpr):
-    """Update the momentum buffer at buf_ptr with direction d; return the step direction."""
+    """Update the momentum buffer at buf_ptr with direction d; return the step direction.
+
+    Multiply-adds are explicit fmas in the order of torch.optim.SGD (see the module docstring)."""
     if first:
         buf = d
     else:
-        buf = momentum * _load(buf_ptr, offs, mask, MASKED) + one_minus_dampening * d
+        buf = tl.fma(d, one_minus_dampening, momentum * _load(buf_ptr, offs, mask, MASKED))
     _store(buf_ptr, offs, buf, mask, MASKED)
     # One return statement: Triton inlines the helper, so the caller's alignment facts reach these accesses.
-    return tl.where(nesterov, d + momentum * buf, buf)
+    return tl.where(nesterov, tl.fma(buf, momentum, d), buf)
 
 
 @triton.jit
@@ -148,7 +192,10 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
 
     g = _load(grad_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale_ptr)  # unscale on load, as torch's fused optimizers do
+        # Unscale on load and write the unscaled gradient back, as torch's fused optimizers do: code that reads
+        # .grad after GradScaler.step (norm logging, a second step) must see the true gradient.
+        g = g / tl.load(grad_scale_ptr)
+        _store(grad_ptr, offs, g.to(X_DTYPE), mask, MASKED)
     if (flags & _FLAG_MAXIMIZE) != 0:
         g = -g
     if (flags & _FLAG_FACTORISED) != 0:
@@ -157,8 +204,8 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
         w_ptr = factor_ptr + tl.multiple_of(tl.load(row + _COL_W), _SEGMENT_ALIGN)
         m = _load(m_ptr, offs, mask, MASKED)
         w = _load(w_ptr, offs, mask, MASKED)
-        d_m = g * w + alpha * m
-        d_w = g * m + alpha * w
+        d_m = tl.fma(m, alpha, g * w)
+        d_w = tl.fma(w, alpha, g * m)
         if has_momentum:
             buf_m_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_M), _SEGMENT_ALIGN)
             buf_w_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_W), _SEGMENT_ALIGN)
@@ -166,8 +213,8 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
                                       MASKED)
             d_w = _momentum_direction(d_w, buf_w_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov,
                                       MASKED)
-        m = m - lr * d_m
-        w = w - lr * d_w
+        m = tl.fma(d_m, -lr, m)
+        w = tl.fma(d_w, -lr, w)
         _store(m_ptr, offs, m, mask, MASKED)
         _store(w_ptr, offs, w, mask, MASKED)
         x = (m * w).to(X_DTYPE)
@@ -179,11 +226,11 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
     else:
         weight_decay = tl.load(hyper + _HYPER_WEIGHT_DECAY)
         x_old = _load(x_ptr, offs, mask, MASKED).to(tl.float32)
-        d = g + weight_decay * x_old
+        d = tl.fma(x_old, weight_decay, g)
         if has_momentum:
             buf_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_M), _SEGMENT_ALIGN)
             d = _momentum_direction(d, buf_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov, MASKED)
-        _store(x_ptr, offs, (x_old - lr * d).to(X_DTYPE), mask, MASKED)
+        _store(x_ptr, offs, tl.fma(d, -lr, x_old).to(X_DTYPE), mask, MASKED)
     if first:
         tl.store(started_ptr + slot, 1)
 
@@ -221,7 +268,7 @@ def build_block_table(numels: Sequence[int], device: torch.device, block: int = 
     rows = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     first_block = torch.cumsum(counts, 0) - counts
     blocks = torch.arange(rows.numel(), dtype=torch.int64) - torch.repeat_interleave(first_block, counts)
-    return torch.stack([rows, blocks], dim=1).to(torch.int32).contiguous().to(device)
+    return torch.stack([rows, blocks], dim=1).to(BLOCK_TABLE_DTYPE).contiguous().to(device)
 
 
 def telemetry_slots(numel: int, block: int = BLOCK_SIZE) -> int:
@@ -244,12 +291,11 @@ def launch_pilot_sgd(tensor_table: torch.Tensor, hyper_table: torch.Tensor, bloc
     """
     if x_dtype not in TORCH_TO_TRITON_DTYPE:
         raise TypeError(f"unsupported parameter dtype {x_dtype}; expected one of {list(TORCH_TO_TRITON_DTYPE)}")
-    if tensor_table.dtype != torch.int64 or tensor_table.dim() != 2 or tensor_table.shape[1] != TABLE_COLUMNS:
-        raise ValueError(f"tensor_table must be int64 of shape (tensors, {TABLE_COLUMNS})")
-    if hyper_table.dtype != torch.float32 or hyper_table.dim() != 2 or hyper_table.shape[1] != HYPER_COLUMNS:
-        raise ValueError(f"hyper_table must be float32 of shape (groups, {HYPER_COLUMNS})")
-    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[1] != 2:
-        raise ValueError("block_table must be int32 of shape (blocks, 2)")
+    for name, table, dtype, columns in (("tensor_table", tensor_table, TENSOR_TABLE_DTYPE, TABLE_COLUMNS),
+                                        ("hyper_table", hyper_table, HYPER_TABLE_DTYPE, HYPER_COLUMNS),
+                                        ("block_table", block_table, BLOCK_TABLE_DTYPE, 2)):
+        if table.dtype != dtype or table.dim() != 2 or table.shape[1] != columns:
+            raise ValueError(f"{name} must be {dtype} of shape (rows, {columns})")
     for name, storage in (("factors", factors), ("momentum", momentum)):
         if storage.dtype != torch.float32 or not storage.is_contiguous():
             raise ValueError(f"{name} must be a contiguous float32 tensor")

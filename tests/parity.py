@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from pilot import FusedPILoTSGD
+from pilot import FusedPILoTSGD, is_factorised
 from pilot.reference import factor_pairs, parametrize_model
 
 SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "maximize")
@@ -118,7 +118,7 @@ def build_pair(model: nn.Module, specs: list[GroupSpec], *, backend: str, beta: 
                 for spec_names, options in specs]
     fused = FusedPILoTSGD([{"params": [fused_model.get_parameter(n) for n in group_names], **options}
                            for group_names, options in resolved], beta=beta, reparam=reparam, backend=backend)
-    factorised = {n for n in names if "m" in fused.state[fused_model.get_parameter(n)]}
+    factorised = {n for n in names if is_factorised(fused, fused_model.get_parameter(n))}
 
     name_of = {id(p): n for n, p in ref_model.named_parameters()}
     parametrize_model(ref_model, beta=beta, select=lambda _, p: name_of.get(id(p)) in factorised)

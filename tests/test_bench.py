@@ -116,6 +116,10 @@ def test_fused_kernel_counter_sees_only_active_lanes() -> None:
     assert (count.factorised_elements, count.plain_elements, count.launches) == (1073, 29, 1)
     assert count.stream_bytes("factorised") == 40 * 1073 and count.stream_bytes("plain") == 20 * 29
     assert count.outside.ops == 0
+    # GradScaler's step: the kernel writes the unscaled gradient back, 4 B more per fp32 element
+    amp = count_fused_step(Contender("pilot", model, optimizer), "linear", grad_scale=1024.0)
+    assert amp.stream_bytes("factorised") == 44 * 1073 and amp.stream_bytes("plain") == 24 * 29
+    assert amp.stores["factorised g"] == 4 * 1073 and amp.outside.ops == 0
 
 
 def test_peak_memory_counts_each_storage_once_and_only_the_contenders() -> None:

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from pilot.factorisation import is_factorised_state
 from pilot.models import build_model
 from pilot.pruning import batchnorm_after, prunable_parameters, pruning_masks, pruning_scores
 from pilot.schedule import effective_density
@@ -56,7 +57,7 @@ def layer_rows(run: Path, sparsity: float) -> list[dict[str, object]]:
         row["bn fold"] = None if norm is None else float(
             (norm.weight.detach().abs() * torch.rsqrt(norm.running_var + norm.eps)).median())
         state = factors.get(index[id(p)], {})
-        if "m" in state:
+        if is_factorised_state(state):
             imbalance = state["m"].float().square() - state["w"].float().square()
             row["a median"] = float(imbalance.median())
             row["L1 regime"] = float((2 * x.abs() > imbalance.abs()).float().mean())
