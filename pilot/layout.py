@@ -16,7 +16,7 @@ from torch import Tensor
 
 import pilot_kernels
 
-from .factorisation import BUFFER_KEYS, factorise, is_factorised
+from .factorisation import BUFFER_KEYS, FACTOR_KEYS, PLAIN_KEYS, factorise, is_factorised
 from .sharding import is_dtensor, like_param, local, shard_groups, sum_over_shards
 
 
@@ -192,10 +192,9 @@ def _allocate(bucket: Bucket, states: Any, groups: list[dict[str, Any]]) -> None
             bucket.pending_buffers.add(e)
         slot_groups[slot_range] = e.telemetry_group
         e.stride = e.stage.stride() if e.stage is not None else e.local().stride()
-        placements = {"m": (bucket.factors, e.m_offset), "w": (bucket.factors, e.w_offset),
-                      "momentum_buffer_m": (bucket.buffers, e.buffer_offset),
-                      "momentum_buffer_w": (bucket.buffers, e.buffer_w_offset),
-                      "momentum_buffer": (bucket.buffers, e.buffer_offset)}
+        placements = dict(zip(FACTOR_KEYS, ((bucket.factors, e.m_offset), (bucket.factors, e.w_offset),
+                                            (bucket.buffers, e.buffer_offset), (bucket.buffers, e.buffer_w_offset))))
+        placements.update(zip(PLAIN_KEYS, ((bucket.buffers, e.buffer_offset),)))
         for key, value in state.items():
             if value is not None:
                 storage, offset = placements[key]
@@ -282,7 +281,7 @@ def refresh(bucket: Bucket, e: Entry, states: Any, groups: list[dict[str, Any]])
         return True  # dense again: step it in place
     state = {key: None if value is None else local(value) for key, value in states[e.param].items()}
     if e.factorised:
-        m, w = state["m"], state["w"]
+        m, w = (state[key] for key in FACTOR_KEYS[:2])
         changed = local_p != (m * w).to(local_p.dtype)
         if bool(changed.any()):
             m0, w0 = factorise(local_p, groups[e.group]["beta"])
@@ -356,7 +355,9 @@ def collect(bucket: Bucket) -> Work:
     Empty tensors are not stepped but count as stepped: their state must look like that of the other shards of
     the same parameter on other ranks (collectives and checkpoints expect the same keys)."""
     work = Work([], [], [])
-    items, pointers = work.items, work.pointers
+    # Runs over every parameter at every step, and host time matters (the H100 kernel step of ResNet-50 takes
+    # about 310 us): names are bound once
+    add_item, add_pointer, strided = work.items.append, work.pointers.append, torch.strided
     for e in bucket.entries:
         grad = e.param.grad
         if grad is None:
@@ -366,14 +367,14 @@ def collect(bucket: Bucket) -> Work:
             continue
         if e.sharded:
             grad = local(grad)
-        if grad.layout != torch.strided:
+        if grad.layout is not strided:
             raise TypeError(f"FusedPILoTSGD does not support sparse gradients (parameter of shape "
                             f"{tuple(e.param.shape)} has a {grad.layout} gradient)")
         if grad.stride() != e.stride:  # the step walks x and its gradient in the same memory order
             grad = torch.empty_strided(e.shape, e.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-        items.append((e, grad))
-        pointers.append(e.x_ptr)
-        pointers.append(grad.data_ptr())
+        add_item((e, grad))
+        add_pointer(e.x_ptr)
+        add_pointer(grad.data_ptr())
     return work
 
 

@@ -17,10 +17,10 @@ from torch.optim import Optimizer
 
 from pilot_kernels import KERNELS_INTERPRETED, HyperRow
 
+from .checks import check_bool_or_none, check_group, check_no_shared_memory, check_params
+from .factorisation import FACTOR_KEYS, PLAIN_KEYS, factorise, is_factorised_state, is_prunable
 from .layout import (Layout, StepArgs, collect, lay_out, notice_outside_writes, settle_momentum, step_bucket,
                      telemetry)
-from .checks import check_bool_or_none, check_group, check_no_shared_memory, check_params
-from .factorisation import factorise, is_factorised_state, is_prunable
 from .sharding import local
 from .state_dict import complete_state_dict, loaded_state, pass_state_uncast
 from .torch_step import FactorisedStep, TorchStep
@@ -177,9 +177,9 @@ class FusedPILoTSGD(Optimizer):
                 m0, w0 = factorise(local_p.detach(), group["beta"])
                 with torch.no_grad():
                     local_p.copy_(m0 * w0)
-                self.state[p] = {"m": m0, "w": w0, "momentum_buffer_m": None, "momentum_buffer_w": None}
+                self.state[p] = dict(zip(FACTOR_KEYS, (m0, w0, None, None)))  # buffers: from the first step
             else:
-                self.state[p] = {"momentum_buffer": None}
+                self.state[p] = dict.fromkeys(PLAIN_KEYS)
         self._lay_out()
 
     @staticmethod
@@ -335,6 +335,7 @@ class FusedPILoTSGD(Optimizer):
         with torch.no_grad():
             for p, param_state in new_state.items():
                 if is_factorised_state(param_state):
-                    local(p).copy_(param_state["m"] * param_state["w"])
+                    m, w = (param_state[key] for key in FACTOR_KEYS[:2])
+                    local(p).copy_(m * w)
         self._layout = Layout()
         self._lay_out()

@@ -80,7 +80,7 @@ def _loaded_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any, dense: 
         raise TypeError(f"state dict's {MOMENTUM_STARTED} of {where} must be a bool, got {started!r}")
     if started is False:  # zeros standing in for buffers that do not exist yet
         saved = {key: value for key, value in saved.items() if key not in BUFFER_KEYS[factorised]}
-    if factorised and (saved.get("momentum_buffer_m") is None) != (saved.get("momentum_buffer_w") is None):
+    if factorised and len({saved.get(key) is None for key in BUFFER_KEYS[True]}) > 1:
         raise ValueError(f"state dict has only one of the momentum buffers of {where}")
     loaded: dict[str, Any] = {}
     for key in expected:

@@ -90,7 +90,7 @@ def test_steady_state_step_neither_syncs_nor_rebuilds_tables(monkeypatch: pytest
         optimizer.step()
     assert bucket.backend.tensor_table[1] is tables[0] and bucket.backend.hyper_table[1] is tables[1]
     assert bucket.backend.block_tables == tables[2]
-    assert bucket.backend.hyper_table[1][0, 0].item() == pytest.approx(0.01)  # the new lr reached the table on the device
+    assert bucket.backend.hyper_table[1][0, 0].item() == pytest.approx(0.01)  # the new lr reached the device table
 
 
 def test_assigning_a_number_is_a_clear_error() -> None:
