@@ -90,8 +90,8 @@ class FusedPILoTSGD(Optimizer):
 
     Exactness against torch. Plain parameters: the torch paths (``"compile"``, ``"eager"``) call torch's fused SGD
     kernel and equal ``torch.optim.SGD(fused=True)`` bit for bit (torch's default implementation rounds the
-    momentum buffer differently on about one element in a thousand). The Triton kernel computes every
-    multiply-add as an fma in the order of torch.optim.SGD's own kernels, so compiled it rounds as
+    momentum buffer differently on a few elements in ten thousand). The Triton kernel computes every
+    multiply-add as an fma in the order of torch.optim.SGD's own kernels, so compiled it rounds fp32 parameters as
     ``torch.optim.SGD`` does (checked on CPU in an interpreter that rounds fmas once; not yet on a GPU); Triton's
     interpreter rounds an fma's product and sum separately, so there results differ by about an ulp on a
     fraction of the elements. Factorised parameters: the kernel, likewise, against :mod:`pilot.reference`
