@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .factorisation import is_prunable
-from .optim import FusedPILoTSGD, check_number
+from .checks import check_number
+from .optim import FusedPILoTSGD
 
 __all__ = ["spred_optimizer", "ProxSGD", "soft_threshold", "lasso_param_groups", "SoftThreshold", "to_str_model",
            "str_param_groups", "remove_str_", "STR_MODULES"]

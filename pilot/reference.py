@@ -45,7 +45,8 @@ def _default_selection(name: str, parameter: Tensor) -> bool:
 
 def parametrize_model(model: nn.Module, beta: float = 1.0, *,
                       select: Optional[Callable[[str, Tensor], bool]] = None) -> list[str]:
-    """Parametrise every selected parameter of ``model`` (default: :func:`pilot.factorisation.is_prunable`) as m * w, in place.
+    """Parametrise every selected parameter of ``model`` as m * w, in place (default selection:
+    :func:`pilot.factorisation.is_prunable`).
 
     Returns the qualified names of the factorised parameters. Their factors are
     ``module.parametrizations[name].original0`` (m) and ``.original1`` (w); see :func:`factor_pairs`.

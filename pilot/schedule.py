@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .factorisation import is_factorised
-from .optim import check_number
+from .checks import check_number
 
 __all__ = ["PILoTSchedule", "SIGNALS", "effective_density", "factorised_weights", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha",
            "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups", "set_group_value"]

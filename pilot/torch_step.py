@@ -1,10 +1,10 @@
-"""The factorised step written with torch ops: FusedPILoTSGD's path where the Triton kernel does not run.
+"""The torch path of FusedPILoTSGD, where the Triton kernel does not run: :class:`TorchStep`.
 
-The math is the kernel's (``pilot_kernels.pilot_sgd``), one tensor per call, on 1-D views in memory order.
-Compiled with ``torch.compile`` (dynamic sizes; inductor fuses it into a single loop over memory that also
-computes the telemetry), or run eagerly where compiling is not possible. Hyper-parameters and flags are 0-d
-tensors so that changing lr or alpha between steps never re-compiles. (Plain parameters take torch's own
-fused SGD kernel on this path, see ``FusedPILoTSGD``.)
+Factorised tensors: the kernel's math (``pilot_kernels.pilot_sgd``) written with torch ops, one tensor per call,
+on 1-D views in memory order. Compiled with ``torch.compile`` (dynamic sizes; inductor fuses it into a single
+loop over memory that also computes the telemetry), or run eagerly where compiling is not possible.
+Hyper-parameters and flags are 0-d tensors so that changing lr or alpha between steps never re-compiles. Plain
+tensors: torch's own fused SGD kernel.
 """
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ import torch
 import torch._dynamo
 import torch.fx.experimental._config
 from torch import Tensor
+
+from pilot_kernels.pilot_sgd import FLAG_MOMENTUM as _FLAG_MOMENTUM
+
+from .layout import Bucket, Entry, StepArgs, Work, flat
 
 
 def _momentum_direction_(d: Tensor, buf: Tensor, momentum: Tensor, one_minus_dampening: Tensor, first: Tensor,
@@ -94,3 +98,69 @@ def _is_compiler_failure(error: Exception) -> bool:
     """Errors of dynamo/inductor (no C++ compiler, unsupported platform), not errors in the inputs."""
     module = type(error).__module__
     return module.startswith(("torch._dynamo", "torch._inductor")) or isinstance(error, (OSError, ImportError))
+
+
+class TorchStep:
+    """One bucket's step on the torch path. Factorised tensors: :class:`FactorisedStep`, one call each (shared by
+    the optimizer's buckets, so that they share its compiled graphs). Plain tensors: torch's fused SGD kernel,
+    one call per (group, first momentum step). Not capturable: GradScaler's found_inf is read on the host."""
+
+    bumps_versions = True
+
+    def __init__(self, device: torch.device, factorised_step: FactorisedStep) -> None:
+        self.device, self.factorised_step = device, factorised_step
+        self.first_flags = (torch.tensor(False, device=device), torch.tensor(True, device=device))
+
+    @staticmethod
+    def slots_of(numel: int) -> int:
+        """One telemetry / momentum_started slot per tensor."""
+        return 1
+
+    def step(self, bucket: Bucket, work: Work, args: StepArgs) -> bool:
+        """Step ``work.items``; False if GradScaler's found_inf skipped the step."""
+        if args.found_inf is not None and bool(args.found_inf.item()):
+            return False
+        device = self.device
+        scale = None if args.grad_scale is None else args.grad_scale.to(device)
+        group_scalars: dict[int, tuple[Tensor, ...]] = {}
+        factorised_calls = []
+        plain_batches: dict[tuple[int, bool], list[tuple[Entry, Tensor]]] = {}
+        for e, grad in work.items:
+            has_momentum = args.flags[e.group] & _FLAG_MOMENTUM != 0
+            first = has_momentum and args.states[e.param][e.buffer_keys[0]] is None
+            if first:
+                bucket.started[e.slot] = 1
+            g = flat(grad).detach()
+            if not e.factorised:
+                plain_batches.setdefault((e.group, first), []).append((e, g))
+                continue
+            if e.group not in group_scalars:
+                group, hyper = args.groups[e.group], args.hypers[e.group]
+                group_scalars[e.group] = (
+                    *(torch.tensor(v, dtype=torch.float32, device=device)
+                      for v in (hyper.lr, hyper.alpha, hyper.momentum, hyper.one_minus_dampening)),
+                    torch.tensor(-1.0 if group["maximize"] else 1.0, device=device),
+                    torch.tensor(bool(group["nesterov"]), device=device))
+            lr, alpha, momentum, one_minus_dampening, sign, nesterov = group_scalars[e.group]
+            views = e.views
+            buffer, buffer_w = (views.buffer, views.buffer_w) if has_momentum else (None, None)
+            factorised_calls.append((g, views.x, views.m, views.w, buffer, buffer_w, views.l1, views.nnz, lr, alpha,
+                                     momentum, one_minus_dampening, sign, self.first_flags[first], nesterov, scale))
+        self.factorised_step.run(factorised_calls)
+        for (group_index, first), items in plain_batches.items():
+            group = args.groups[group_index]
+            params = [e.views.x for e, _ in items]
+            grads = [g for _, g in items]
+            if bucket.dtype != torch.float32:  # torch's kernel wants buffers in the parameters' dtype: work in fp32
+                params, grads = [x.float() for x in params], [g.float() for g in grads]
+            buffers = [e.views.buffer for e, _ in items] if float(group["momentum"]) != 0 else []
+            torch._fused_sgd_(params, grads, buffers, weight_decay=float(group["weight_decay"]),
+                              momentum=float(group["momentum"]), lr=float(group["lr"]),
+                              dampening=float(group["dampening"]), nesterov=group["nesterov"],
+                              maximize=group["maximize"], is_first_step=first, grad_scale=scale)
+            if bucket.dtype != torch.float32:
+                for (e, g), updated, unscaled in zip(items, params, grads):
+                    e.views.x.copy_(updated)
+                    if scale is not None:  # torch's kernel unscaled the fp32 copy of the gradient
+                        g.copy_(unscaled)
+        return True

@@ -30,8 +30,8 @@ _TRITON_POINTER = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp
 _POINTER_TYPES = {name: _TRITON_POINTER[dtype] for name, dtype in (
     ("tensor_table_ptr", pilot_sgd.TENSOR_TABLE_DTYPE), ("hyper_ptr", pilot_sgd.HYPER_TABLE_DTYPE),
     ("block_table_ptr", pilot_sgd.BLOCK_TABLE_DTYPE), ("factor_ptr", torch.float32), ("momentum_ptr", torch.float32),
-    ("l1_ptr", torch.float32), ("nnz_ptr", torch.int64), ("started_ptr", torch.int32), ("grad_scale_ptr", torch.float32),
-    ("found_inf_ptr", torch.float32))}
+    ("l1_ptr", torch.float32), ("nnz_ptr", torch.int64), ("started_ptr", torch.int32),
+    ("grad_scale_ptr", torch.float32), ("found_inf_ptr", torch.float32))}
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
 _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")

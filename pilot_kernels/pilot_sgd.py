@@ -285,9 +285,9 @@ def launch_pilot_sgd(tensor_table: torch.Tensor, hyper_table: torch.Tensor, bloc
     ``factors`` and ``momentum`` are the flat fp32 storages the offsets point into (``momentum`` may be any
     fp32 tensor when no row has FLAG_MOMENTUM); ``l1_slots`` (fp32) and ``nnz_slots`` (int64) receive the
     telemetry of factorised tensors; ``momentum_started`` (int32, read and set by blocks with momentum) says
-    which blocks' buffers hold a value. All three have one slot per block. ``grad_scale`` (the gradients are divided by it) and ``found_inf``
-    (non-zero: skip the step) are one-element fp32 tensors on the same device, as torch.amp.GradScaler
-    hands them to fused optimizers.
+    which blocks' buffers hold a value. All three have one slot per block. ``grad_scale`` (the gradients are
+    divided by it, and the unscaled gradients written back) and ``found_inf`` (non-zero: skip the step) are
+    one-element fp32 tensors on the same device, as torch.amp.GradScaler hands them to fused optimizers.
     """
     if x_dtype not in TORCH_TO_TRITON_DTYPE:
         raise TypeError(f"unsupported parameter dtype {x_dtype}; expected one of {list(TORCH_TO_TRITON_DTYPE)}")

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from pilot import FusedPILoTSGD, is_factorised
+from pilot.layout import Bucket
 from pilot.reference import factor_pairs, parametrize_model
+from pilot.triton_step import TritonStep
 
 SGD_KEYS = ("lr", "momentum", "dampening", "nesterov", "maximize")
 
@@ -138,3 +140,17 @@ def build_pair(model: nn.Module, specs: list[GroupSpec], *, backend: str, beta: 
         ref_groups.append((indices[0], indices[1]))
     ref = torch.optim.SGD(ref_param_groups, lr=1e-3)
     return Pair(fused_model, fused, ref_model, ref, names, factorised, ref_groups)
+
+
+def buckets(optimizer: FusedPILoTSGD) -> list[tuple[str, Bucket]]:
+    """The one place where tests look inside FusedPILoTSGD: (path, bucket) for each of its buckets, one per
+    (device, dtype) (:class:`pilot.layout.Bucket`); the path ("triton", "compile" or "eager") says which backend
+    steps it (``bucket.backend``: :class:`pilot.triton_step.TritonStep` with its cached tables, or
+    :class:`pilot.torch_step.TorchStep`)."""
+    result = []
+    for bucket in optimizer._layout.buckets:
+        backend = bucket.backend
+        path = ("triton" if isinstance(backend, TritonStep) else
+                "compile" if backend.factorised_step.compiled else "eager")
+        result.append((path, bucket))
+    return result

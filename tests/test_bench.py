@@ -6,6 +6,7 @@ interpreted, which is what the fused-kernel counter needs.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -141,3 +142,19 @@ def test_peak_memory_counts_each_storage_once_and_only_the_contenders() -> None:
 
     peak = peak_step_memory(build, torch.device("cpu"))
     assert 5 * 4 * N <= peak < 5 * 4 * N + 1024  # held + scratch + result, each once
+
+
+def test_host_time_times_the_step_without_the_kernel() -> None:
+    """bench.host_time steps with the launch stubbed out: the parameters stay as the optimizer initialised them
+    (m0 * w0), and the real launcher is back afterwards."""
+    from bench.host_time import host_time_us
+    from pilot_kernels import pilot_sgd
+
+    launch = pilot_sgd.launch_pilot_sgd
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    initialised = [p.detach().clone() for p in FusedPILoTSGD(copy.deepcopy(model).parameters()).param_groups[0]
+                   ["params"]]
+    times = host_time_us(model, samples=2, steps=3)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initialised))
+    assert pilot_sgd.launch_pilot_sgd is launch

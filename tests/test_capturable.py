@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pilot import FusedPILoTSGD
+from parity import buckets
 from test_parity import SmallCNN, cnn_loss
 
 OPTIONS = dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3)
@@ -73,8 +74,8 @@ def test_steady_state_step_neither_syncs_nor_rebuilds_tables(monkeypatch: pytest
     model = SmallCNN()
     optimizer = FusedPILoTSGD(model.parameters(), capturable=True, **OPTIONS)
     train_step(model, optimizer, 0)
-    bucket = optimizer._buckets[0]
-    tables = (bucket.tensor_table[1], bucket.hyper_table[1], dict(bucket.block_tables))
+    (_, bucket), = buckets(optimizer)
+    tables = (bucket.backend.tensor_table[1], bucket.backend.hyper_table[1], dict(bucket.backend.block_tables))
     optimizer.param_groups[0]["lr"].fill_(0.01)
     optimizer.zero_grad(set_to_none=False)
     cnn_loss(1)(model).backward()
@@ -87,9 +88,9 @@ def test_steady_state_step_neither_syncs_nor_rebuilds_tables(monkeypatch: pytest
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
             patch.setattr(torch.Tensor, name, no_sync)
         optimizer.step()
-    assert bucket.tensor_table[1] is tables[0] and bucket.hyper_table[1] is tables[1]
-    assert bucket.block_tables == tables[2]
-    assert bucket.hyper_table[1][0, 0].item() == pytest.approx(0.01)  # the new lr reached the table on the device
+    assert bucket.backend.tensor_table[1] is tables[0] and bucket.backend.hyper_table[1] is tables[1]
+    assert bucket.backend.block_tables == tables[2]
+    assert bucket.backend.hyper_table[1][0, 0].item() == pytest.approx(0.01)  # the new lr reached the device table
 
 
 def test_assigning_a_number_is_a_clear_error() -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from conftest import CUDA, REAL_KERNELS
-from parity import build_pair
+from parity import buckets, build_pair
 from pilot import FusedPILoTSGD
 from test_optim import train
 from test_parity import SmallCNN
@@ -39,7 +39,7 @@ def test_cuda_suite_with_compiled_kernels() -> None:
                                      dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True, alpha=1e-3)])
 def test_cuda_parity(options: dict, dtype: torch.dtype) -> None:
     pair = build_pair(SmallCNN().cuda().to(dtype), [(None, options)], backend="auto")
-    assert all(bucket.path == "triton" for bucket in pair.fused._buckets)
+    assert all(path == "triton" for path, _ in buckets(pair.fused))
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, 6, 6, generator=generator).cuda().to(dtype)
     y = torch.randint(0, 7, (8,), generator=generator).cuda()
@@ -84,8 +84,8 @@ class CpuThenCuda(nn.Module):
 def test_one_group_across_cpu_and_cuda() -> None:
     pair = build_pair(CpuThenCuda(), [(None, dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3))],
                       backend="auto")
-    assert {(bucket.device.type, bucket.path) for bucket in pair.fused._buckets} == {("cpu", "compile"),
-                                                                                      ("cuda", "triton")}
+    assert {(bucket.device.type, path) for path, bucket in buckets(pair.fused)} == {("cpu", "compile"),
+                                                                                     ("cuda", "triton")}
     z, target = torch.randn(9, 6), torch.randn(9, 3).cuda()
     for _ in range(10):
         pair.step(lambda model: (model(z) - target).square().mean())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pilot_kernels
-from parity import build_pair
+from parity import buckets, build_pair
 from pilot import FusedPILoTSGD, factorise, is_factorised
 from pilot_kernels import pilot_sgd
 from test_parity import BACKENDS, SmallCNN, cnn_loss
@@ -115,8 +115,8 @@ def test_meta_parameters_are_rejected_before_anything_changes() -> None:
 def test_one_group_of_three_dtypes(backend: str) -> None:
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4).bfloat16(), nn.Linear(4, 3).half())
     optimizer = FusedPILoTSGD(model.parameters(), backend=backend, **OPTIONS)
-    assert sorted(str(bucket.dtype) for bucket in optimizer._buckets) == ["torch.bfloat16", "torch.float16",
-                                                                          "torch.float32"]
+    assert sorted(str(bucket.dtype) for _, bucket in buckets(optimizer)) == ["torch.bfloat16", "torch.float16",
+                                                                             "torch.float32"]
     z = torch.randn(7, 6)
     for _ in range(3):
         optimizer.zero_grad()

@@ -1,0 +1,402 @@
+"""Where FusedPILoTSGD keeps its state: one :class:`Bucket` of flat fp32 storages per (device, dtype), one
+:class:`Entry` per parameter with its offsets, and the parameter as the source of truth (weights written outside
+the optimizer are factorised again).
+
+Offsets are element offsets of ``pilot_kernels.padded`` segments, as the kernel's :class:`TensorRow` wants them.
+Sizes, offsets and addresses are those of the local tensor (:func:`pilot.sharding.local`): the whole parameter,
+or this rank's shard of a DTensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+import torch
+from torch import Tensor
+
+import pilot_kernels
+
+from .factorisation import BUFFER_KEYS, FACTOR_KEYS, PLAIN_KEYS, factorise, is_factorised
+from .sharding import is_dtensor, like_param, local, shard_groups, sum_over_shards
+
+
+def is_non_overlapping_and_dense(t: Tensor) -> bool:
+    """True if t's elements fill exactly numel consecutive memory slots (contiguous up to a permutation)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def flat(t: Tensor) -> Tensor:
+    """1-D view of a non-overlapping, dense tensor in memory order."""
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+class TorchViews(NamedTuple):
+    """An entry's tensors as the torch path takes them: 1-D, detached (no ``_base``, so that torch.compile guards
+    on sizes only), in x's memory order. None where a storage is empty (no momentum) or the kind has none."""
+
+    x: Tensor  # the parameter (or its stage)
+    m: Optional[Tensor]
+    w: Optional[Tensor]
+    buffer: Optional[Tensor]  # b_m of a factorised parameter, b of a plain one
+    buffer_w: Optional[Tensor]
+    l1: Optional[Tensor]  # the entry's telemetry slot (factorised parameters)
+    nnz: Optional[Tensor]
+
+
+class StepArgs(NamedTuple):
+    """What one step() hands every bucket's backend."""
+
+    groups: list[dict[str, Any]]  # the optimizer's param_groups
+    hypers: tuple[pilot_kernels.HyperRow, ...]  # per group (lr and alpha 0 with capturable=True: read on the device)
+    flags: tuple[int, ...]  # per group: its FLAG_MOMENTUM / FLAG_NESTEROV / FLAG_MAXIMIZE bits
+    grad_scale: Optional[Tensor]  # from torch.amp.GradScaler
+    found_inf: Optional[Tensor]
+    states: Any  # the optimizer's state
+
+
+class Backend(Protocol):
+    """A bucket's step implementation (pilot.triton_step.TritonStep, pilot.torch_step.TorchStep), chosen once
+    when the state is laid out."""
+
+    bumps_versions: bool  # whether its step bumps the parameters' version counters
+
+    def slots_of(self, numel: int) -> int: ...
+
+    def step(self, bucket: "Bucket", work: "Work", args: StepArgs) -> bool: ...
+
+
+@dataclass(eq=False)
+class Entry:
+    """One parameter: where its state lives in the bucket's flat storages, and what the optimizer last saw."""
+
+    param: Tensor
+    group: int
+    factorised: bool
+    shape: tuple[int, ...]
+    numel: int
+    telemetry_group: int  # index into the optimizer's telemetry groups
+    sharded: bool  # a DTensor (FSDP2): the step works on local(param)
+    m_offset: int = 0  # element offsets in bucket.factors (factorised parameters)
+    w_offset: int = 0
+    buffer_offset: int = 0  # in bucket.buffers: b_m of a factorised parameter, b of a plain one
+    buffer_w_offset: int = 0  # b_w
+    slot: int = 0  # first telemetry / momentum_started slot (see Bucket)
+    # A plain parameter that is not dense in memory is stepped in this dense copy (the kernel and the torch path
+    # walk x in memory order), copied in before and back after each step; None for every other parameter.
+    stage: Optional[Tensor] = None
+    stride: tuple[int, ...] = ()  # of x as the step walks it (the parameter's or its stage's), and of its state
+    x_ptr: int = 0  # address the step writes x to: the parameter's, or its stage's
+    data_ptr: int = 0  # the parameter's address, to notice `.data` being replaced ...
+    version: int = 0  # ... or the parameter being written outside the optimizer
+    views: Optional[TorchViews] = None
+
+    @property
+    def buffer_keys(self) -> tuple[str, ...]:
+        return BUFFER_KEYS[self.factorised]
+
+    def local(self) -> Tensor:
+        return local(self.param) if self.sharded else self.param
+
+
+class Bucket:
+    """The parameters of one (device, dtype): flat fp32 storages and per-slot telemetry, stepped by ``backend``.
+
+    Slots (``l1_slots``, ``nnz_slots``, ``started``): ``backend.slots_of(numel)`` per entry (one per kernel block
+    on the Triton path, one per tensor on the torch path). ``started`` is 1 where the momentum buffers hold a value
+    (see ``pilot_kernels.pilot_sgd``); ``slot_groups`` maps each slot to its telemetry group.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, backend: Backend) -> None:
+        self.device, self.dtype, self.backend = device, dtype, backend
+        self.entries: list[Entry] = []
+        self.staged: list[Entry] = []  # entries with a stage
+        self.groups: set[int] = set()  # parameter groups with an entry here
+        self.pending_buffers: set[Entry] = set()  # entries whose momentum buffers are not in their state yet
+        self.factors = self.buffers = self.l1_slots = self.nnz_slots = self.started = torch.empty(0)
+        self.slot_groups = torch.empty(0, dtype=torch.int64)
+
+
+@dataclass
+class Layout:
+    """Every bucket, and the telemetry groups: (process groups to sum a parameter's shards over, device)."""
+
+    buckets: list[Bucket] = field(default_factory=list)
+    telemetry_groups: list[tuple[tuple[Any, ...], torch.device]] = field(default_factory=list)
+
+
+def lay_out(optimizer: torch.optim.Optimizer, make_backend: Callable[[torch.device], Backend]) -> Layout:
+    """Move every parameter's state into flat fp32 storage per (device, dtype); state entries become views."""
+    buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+    telemetry_index: dict[tuple[Any, ...], int] = {(): 0}
+    layout = Layout(telemetry_groups=[((), torch.device("cpu"))])
+    for group_index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            local_p = local(p)
+            key = (local_p.device, p.dtype)
+            if key not in buckets:
+                buckets[key] = Bucket(local_p.device, p.dtype, make_backend(local_p.device))
+            groups = shard_groups(p)
+            if groups not in telemetry_index:  # same order on every rank: the order of the groups
+                telemetry_index[groups] = len(layout.telemetry_groups)
+                layout.telemetry_groups.append((groups, local_p.device))
+            entry = Entry(p, group_index, is_factorised(optimizer, p), tuple(local_p.shape), local_p.numel(),
+                          telemetry_index[groups], is_dtensor(p))
+            bucket = buckets[key]
+            if not is_non_overlapping_and_dense(local_p):  # only plain parameters can be (see checks.check_params)
+                entry.stage = torch.empty(local_p.shape, dtype=local_p.dtype, device=local_p.device)
+                bucket.staged.append(entry)
+            bucket.entries.append(entry)
+            bucket.groups.add(group_index)
+    for bucket in buckets.values():
+        _allocate(bucket, optimizer.state, optimizer.param_groups)
+    layout.buckets = list(buckets.values())
+    return layout
+
+
+def _uses_momentum(e: Entry, state: dict[str, Any], groups: list[dict[str, Any]]) -> bool:
+    return state[e.buffer_keys[0]] is not None or float(groups[e.group]["momentum"]) != 0
+
+
+def _allocate(bucket: Bucket, states: Any, groups: list[dict[str, Any]]) -> None:
+    factor_size = buffer_size = slots = 0
+    for e in bucket.entries:
+        size = pilot_kernels.padded(e.numel)
+        e.buffer_offset = buffer_size
+        if e.factorised:
+            e.m_offset, e.w_offset = factor_size, factor_size + size
+            e.buffer_w_offset = buffer_size + size
+            factor_size += 2 * size
+            buffer_size += 2 * size
+        else:
+            buffer_size += size
+        e.slot = slots
+        slots += bucket.backend.slots_of(e.numel)
+    needs_buffers = any(_uses_momentum(e, states[e.param], groups) for e in bucket.entries)
+    device = bucket.device
+    bucket.factors = torch.zeros(factor_size, dtype=torch.float32, device=device)
+    bucket.buffers = torch.zeros(buffer_size if needs_buffers else 0, dtype=torch.float32, device=device)
+    bucket.l1_slots = torch.zeros(slots, dtype=torch.float32, device=device)
+    bucket.nnz_slots = torch.zeros(slots, dtype=torch.int64, device=device)
+    started = torch.zeros(slots, dtype=torch.int32)
+    slot_groups = torch.zeros(slots, dtype=torch.int64)
+    for e in bucket.entries:
+        state = states[e.param]
+        slot_range = slice(e.slot, e.slot + bucket.backend.slots_of(e.numel))
+        started[slot_range] = int(state[e.buffer_keys[0]] is not None)
+        if state[e.buffer_keys[0]] is None:
+            bucket.pending_buffers.add(e)
+        slot_groups[slot_range] = e.telemetry_group
+        e.stride = e.stage.stride() if e.stage is not None else e.local().stride()
+        placements = dict(zip(FACTOR_KEYS, ((bucket.factors, e.m_offset), (bucket.factors, e.w_offset),
+                                            (bucket.buffers, e.buffer_offset), (bucket.buffers, e.buffer_w_offset))))
+        placements.update(zip(PLAIN_KEYS, ((bucket.buffers, e.buffer_offset),)))
+        for key, value in state.items():
+            if value is not None:
+                storage, offset = placements[key]
+                view = storage.as_strided(e.shape, e.stride, offset)
+                view.copy_(local(value))
+                state[key] = like_param(view, e.param)
+        segment = lambda storage, offset: (  # noqa: E731
+            storage[offset:offset + e.numel].detach() if storage.numel() else None)
+        slot = lambda slots_: slots_[e.slot:e.slot + 1].detach() if e.factorised else None  # noqa: E731
+        e.views = TorchViews(
+            x=e.stage.view(-1) if e.stage is not None else flat(e.local()).detach(),
+            m=segment(bucket.factors, e.m_offset) if e.factorised else None,
+            w=segment(bucket.factors, e.w_offset) if e.factorised else None,
+            buffer=segment(bucket.buffers, e.buffer_offset),
+            buffer_w=segment(bucket.buffers, e.buffer_w_offset) if e.factorised else None,
+            l1=slot(bucket.l1_slots), nnz=slot(bucket.nnz_slots))
+        record(bucket, e)
+    bucket.started = started.to(device)
+    bucket.slot_groups = slot_groups.to(device)
+
+
+def record(bucket: Bucket, e: Entry) -> None:
+    """Remember the parameter as the optimizer leaves it, and recompute its telemetry from its value."""
+    local_p = e.local()
+    e.data_ptr, e.version = local_p.data_ptr(), local_p._version
+    e.x_ptr = e.stage.data_ptr() if e.stage is not None else e.data_ptr
+    if not e.factorised or e.numel == 0:
+        return
+    x = flat(local_p.detach()).float()
+    slots = bucket.backend.slots_of(e.numel)
+    if slots > 1:
+        x = torch.nn.functional.pad(x, (0, slots * pilot_kernels.pilot_sgd.BLOCK_SIZE - e.numel)).view(slots, -1)
+    else:
+        x = x.view(1, -1)
+    bucket.l1_slots[e.slot:e.slot + slots] = x.abs().sum(dim=1)
+    bucket.nnz_slots[e.slot:e.slot + slots] = (x != 0).sum(dim=1)
+
+
+def expose_buffers(bucket: Bucket, e: Entry, state: dict[str, Any]) -> None:
+    """Make the momentum buffers (already in bucket.buffers) visible in the parameter's state."""
+    for key, offset in zip(e.buffer_keys, (e.buffer_offset, e.buffer_w_offset)):
+        if state[key] is None:
+            state[key] = like_param(bucket.buffers.as_strided(e.shape, e.stride, offset), e.param)
+
+
+def settle_momentum(buckets: list[Bucket], states: Any) -> None:
+    """Forget the buffers of parameters whose first momentum step the device skipped (GradScaler's found_inf).
+
+    The host exposes a parameter's buffers after the launch of its first momentum step without reading
+    found_inf; the device's ``started`` slots know whether that step ran. Reading them is a sync, so this
+    runs only where the host state must be exact: before state dicts, pickling and re-laying the state.
+    """
+    for bucket in buckets:
+        started = None
+        for e in bucket.entries:
+            state = states[e.param]
+            if e.numel == 0 or state[e.buffer_keys[0]] is None:
+                continue
+            if started is None:
+                started = bucket.started.tolist()
+            if not started[e.slot]:
+                for key in e.buffer_keys:
+                    state[key] = None
+                bucket.pending_buffers.add(e)
+
+
+def refresh(bucket: Bucket, e: Entry, states: Any, groups: list[dict[str, Any]]) -> bool:
+    """The parameter was written outside the optimizer (its address or version changed): factorise the entries
+    whose value no longer equals round(m * w) again and restart their momentum. True if the state must be laid
+    out again (another memory layout, or a stage needed or no longer needed)."""
+    local_p = e.local()
+    if local_p.device != bucket.device or local_p.dtype != bucket.dtype or tuple(local_p.shape) != e.shape:
+        raise ValueError(
+            f"a parameter changed device, dtype or shape after the optimizer was created (now {local_p.device}, "
+            f"{local_p.dtype}, {tuple(local_p.shape)}; was {bucket.device}, {bucket.dtype}, {e.shape}); create the "
+            "optimizer after moving or converting the model")
+    if not is_non_overlapping_and_dense(local_p):
+        if e.factorised:
+            raise ValueError(f"a factorised parameter of shape {e.shape} was replaced by a tensor that is not "
+                             "dense; replace it by a dense one (e.g. .contiguous())")
+        if e.stage is None:
+            return True
+    elif e.stage is not None:
+        return True  # dense again: step it in place
+    state = {key: None if value is None else local(value) for key, value in states[e.param].items()}
+    if e.factorised:
+        m, w = (state[key] for key in FACTOR_KEYS[:2])
+        changed = local_p != (m * w).to(local_p.dtype)
+        if bool(changed.any()):
+            m0, w0 = factorise(local_p, groups[e.group]["beta"])
+            m.copy_(torch.where(changed, m0, m))
+            w.copy_(torch.where(changed, w0, w))
+            for key in e.buffer_keys:
+                if state[key] is not None:
+                    state[key].masked_fill_(changed, 0.0)
+    if e.stage is None and local_p.stride() != e.stride:
+        return True  # `.data` replaced by another memory layout (e.g. channels_last): state must follow
+    if e.stage is None and e.views is not None:
+        e.views = e.views._replace(x=flat(local_p).detach())  # the torch path steps the new tensor
+    record(bucket, e)
+    return False
+
+
+class Work(NamedTuple):
+    """What a bucket steps: (entry, gradient in the entry's memory order) of the non-empty entries with a
+    gradient, the addresses of their x and gradient in that order (the Triton path's table key), and the empty
+    entries with a gradient."""
+
+    items: list[tuple[Entry, Tensor]]
+    pointers: list[int]
+    empty: list[Entry]
+
+    def stepped(self) -> list[Entry]:
+        return [e for e, _ in self.items] + self.empty
+
+
+def notice_outside_writes(layout: Layout, states: Any, groups: list[dict[str, Any]]) -> bool:
+    """Refresh the entries of parameters written outside the optimizer; True if the state must be laid out again
+    (see :func:`refresh`, or a group switched momentum on and its buffers need storage)."""
+    relayout = False
+    for bucket in layout.buckets:
+        for e in bucket.entries:
+            x = local(e.param) if e.sharded else e.param
+            if x.data_ptr() != e.data_ptr or x._version != e.version:
+                relayout |= refresh(bucket, e, states, groups)
+        if not bucket.buffers.numel() and any(float(groups[i]["momentum"]) != 0 for i in bucket.groups):
+            relayout = True
+    return relayout
+
+
+def telemetry(layout: Layout) -> tuple[float, int]:
+    """(sum |x|, count of x != 0) over the factorised parameters, from the telemetry slots the last step (or
+    :func:`record`) wrote; the shards of DTensors summed over ranks (a collective where any parameter is one)."""
+    sums: list[Optional[Tensor]] = [None] * len(layout.telemetry_groups)
+    for bucket in layout.buckets:
+        if not bucket.l1_slots.numel():
+            continue
+        per_slot = torch.stack([bucket.l1_slots.double(), bucket.nnz_slots.double()], dim=1)
+        per_group = per_slot.new_zeros(len(sums), 2).index_add_(0, bucket.slot_groups, per_slot)
+        for index in range(len(sums)):
+            total = sums[index]
+            sums[index] = per_group[index] if total is None else total + per_group[index].to(total.device)
+    l1, nonzero = 0.0, 0
+    for (process_groups, device), total in zip(layout.telemetry_groups, sums):
+        if total is None:  # no local slot (e.g. empty shards): a collective still needs this rank's zeros
+            if not process_groups:
+                continue
+            total = torch.zeros(2, dtype=torch.float64, device=device)
+        group_l1, group_nonzero = sum_over_shards(total, process_groups).tolist()
+        l1 += group_l1
+        nonzero += int(group_nonzero)
+    return l1, nonzero
+
+
+def collect(bucket: Bucket) -> Work:
+    """The entries of ``bucket`` that have a gradient.
+
+    Empty tensors are not stepped but count as stepped: their state must look like that of the other shards of
+    the same parameter on other ranks (collectives and checkpoints expect the same keys)."""
+    work = Work([], [], [])
+    # Runs over every parameter at every step, and host time matters (the H100 kernel step of ResNet-50 takes
+    # about 310 us): names are bound once
+    add_item, add_pointer, strided = work.items.append, work.pointers.append, torch.strided
+    for e in bucket.entries:
+        grad = e.param.grad
+        if grad is None:
+            continue
+        if not e.numel:
+            work.empty.append(e)
+            continue
+        if e.sharded:
+            grad = local(grad)
+        if grad.layout is not strided:
+            raise TypeError(f"FusedPILoTSGD does not support sparse gradients (parameter of shape "
+                            f"{tuple(e.param.shape)} has a {grad.layout} gradient)")
+        if grad.stride() != e.stride:  # the step walks x and its gradient in the same memory order
+            grad = torch.empty_strided(e.shape, e.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        add_item((e, grad))
+        add_pointer(e.x_ptr)
+        add_pointer(grad.data_ptr())
+    return work
+
+
+def step_bucket(bucket: Bucket, work: Work, args: StepArgs) -> None:
+    """One bucket's step around its backend's: stages copied in and back, gradients the backend unscaled in a copy
+    written back to ``.grad``, buffers of a first momentum step exposed, and the versions the step left."""
+    staged = [e for e in bucket.staged if e.param.grad is not None] if bucket.staged else []
+    for e in staged:
+        e.stage.copy_(e.local())
+    if work.items and not bucket.backend.step(bucket, work, args):
+        return  # skipped (GradScaler found inf): nothing happened
+    for e in staged:
+        e.local().copy_(e.stage)
+    if args.grad_scale is not None:
+        for e, grad in work.items:
+            original = local(e.param.grad) if e.sharded else e.param.grad
+            if grad.data_ptr() != original.data_ptr():
+                original.copy_(grad)
+    if bucket.pending_buffers:
+        for e in work.stepped():
+            if e in bucket.pending_buffers and float(args.groups[e.group]["momentum"]) != 0:
+                expose_buffers(bucket, e, args.states[e.param])
+                bucket.pending_buffers.discard(e)
+    for e in (work.stepped() if bucket.backend.bumps_versions else staged):
+        e.version = e.local()._version
