@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pilot import FusedPILoTSGD, PILoTSchedule, export_sparse, prune_, sparsity_report
+from pilot.data import load_datasets, make_loaders
 from pilot.models import build_model
 
 TRAIN_ACCURACY = "train_accuracy"
@@ -97,10 +98,9 @@ class PruneAndExport(L.Callback):
 
     def __init__(self, sparsity: float, path: Optional[Path] = None) -> None:
         self.sparsity, self.path = sparsity, path
-        self.zeros = 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.zeros = prune_(trainer.optimizers[0], self.sparsity)
+        prune_(trainer.optimizers[0], self.sparsity)
         if self.path is not None:
             state_dict, masks = export_sparse(pl_module.model)
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +121,6 @@ def synthetic_loaders(examples: int, batch_size: int, seed: int = 0) -> tuple[Da
 
 
 def fashion_mnist_loaders(data_root: Optional[str], batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    from pilot.data import load_datasets, make_loaders
-
     # No augmentation: the setting of docs/results.md's LeNet-300-100 table.
     return make_loaders(load_datasets("fashion-mnist", data_root, augment=False), batch_size, seed=seed)
 
