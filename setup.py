@@ -19,5 +19,8 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "torchvision", "tqdm", "matplotlib", "pillow"],
         "train": ["torchvision", "tqdm", "matplotlib", "pillow"],
+        # examples/: PILoT in PyTorch Lightning and in the Hugging Face Trainer (which needs accelerate);
+        # torchvision reads Fashion-MNIST for the Lightning example.
+        "examples": ["lightning>=2.0", "transformers>=4.41", "accelerate>=0.26", "torchvision"],
     },
 )

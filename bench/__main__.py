@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from pilot.models import MODEL_NAMES  # noqa: E402
 
-from . import report, suite  # noqa: E402
+from . import quiet, report, suite  # noqa: E402
 
 SECTIONS = ("step", "train", "traffic", "kernel")
 DEFAULT_MODELS = ("resnet20", "resnet18", "resnet50")
@@ -121,6 +121,7 @@ def run(settings: suite.Settings, sections: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    quiet.drop_cuda_home_notice()
     settings = settings_from(args)
     results = run(settings, args.sections)
     print(report.format_tables(results))

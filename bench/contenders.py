@@ -8,10 +8,16 @@ hyper-parameters, so the only difference between them is how the step is compute
   trained by ``torch.optim.SGD`` on the factors (``weight_decay=alpha`` there), with either implementation;
 * ``pilot``: the dense model with :class:`pilot.FusedPILoTSGD` (the Triton kernel on CUDA, the
   ``torch.compile`` path on CPU).
+
+The reference's optimizer step alone is not what pilot's step replaces: SGD on the two factors already moves the
+same 40 B per factorised element as pilot's step. The reference's extra cost over dense training is the product
+work around its step, x = m * w in every forward and g * w, g * m in every backward; pilot's step does that work
+inside its one pass. :func:`reference_step_with_products` is the reference's step together with that work.
 """
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -20,11 +26,22 @@ from torch import Tensor, nn
 
 from pilot import FusedPILoTSGD
 from pilot.models import build_model
-from pilot.reference import parametrize_model, reference_param_groups
+from pilot.reference import factor_pairs, parametrize_model, reference_param_groups
 
 CONTENDERS = ("dense-foreach", "dense-fused", "reference-foreach", "reference-fused", "pilot")
 BASELINE = "dense-fused"  # every ratio is taken to torch's fastest dense step
 REFERENCES = ("reference-foreach", "reference-fused")
+PRODUCTS = " + products"  # suffix of a reference's step timed together with its product work
+
+
+def with_products(reference: str) -> str:
+    """The name under which ``reference``'s step is timed with its product work."""
+    return reference + PRODUCTS
+
+
+# Section 1 (the optimizer step alone) also times each reference's step with its product work, listed after it.
+STEP_CONTENDERS = tuple(n for name in CONTENDERS for n in ((name, with_products(name)) if name in REFERENCES
+                                                              else (name,)))
 
 # The ImageNet ResNets are torchvision's (1000 classes, 224x224); the others are the CIFAR / MNIST models.
 IMAGENET_MODELS = ("resnet18", "resnet50")
@@ -94,6 +111,34 @@ class Contender:
             optimizer.step()
 
         return step
+
+
+def reference_step_with_products(contender: Contender, seed: int) -> Callable[[], None]:
+    """The eager reference's share of a training step that pilot's step replaces, from a fixed gradient g of x.
+
+    Each call recomputes x = m * w for every factorised weight (the forward's product), back-propagates a fixed
+    random g (scaled like :meth:`Contender.fill_random_grads`) through it into fresh ``m.grad``, ``w.grad`` (the
+    backward's products g * w, g * m), then steps the optimizer. Gradients of the other parameters stay as
+    :meth:`Contender.fill_random_grads` left them.
+    """
+    model, optimizer = contender.model, contender.optimizer
+    pairs = factor_pairs(model)
+    if not pairs:
+        raise ValueError(f"{contender.name} has no factorised weights; reference_step_with_products needs one of "
+                         f"{', '.join(REFERENCES)}")
+    weights = [operator.attrgetter(name) for name in pairs]
+    generator = torch.Generator().manual_seed(seed)
+    grads = [(torch.randn(x.shape, generator=generator) * GRAD_SCALE).to(x.device, x.dtype)
+             for x in (get(model) for get in weights)]
+    factors = [t for pair in pairs.values() for t in pair]
+
+    def step() -> None:
+        for factor in factors:
+            factor.grad = None  # as zero_grad leaves them before a backward
+        torch.autograd.backward([get(model) for get in weights], grads)
+        optimizer.step()
+
+    return step
 
 
 def pilot_backend(device: torch.device) -> str:

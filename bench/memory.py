@@ -10,6 +10,7 @@ input batch existed before and is not counted).
   the measured step. Frees of blocks allocated before the session (anything not the contender's) are ignored.
   Storages count once however many views they have, because the allocator knows nothing of views. A
   TorchDispatchMode cannot be used here: torch.compile (FusedPILoTSGD's CPU path) refuses to run under one.
+  The profiler's native log lines are kept off stderr (:func:`bench.quiet.kineto_log_captured`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Callable
 import torch
 from torch._C._profiler import _ExtraFields_Allocation
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from .quiet import kineto_log_captured
 
 MEASURED_STEP = "bench::measured_step"
 
@@ -47,15 +50,16 @@ def _peak_cuda(build: Callable[[], Callable[[], None]], device: torch.device, wa
 
 
 def _peak_cpu(build: Callable[[], Callable[[], None]], warmup: int) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
-        step = build()
-        for _ in range(warmup):
-            step()
-        with record_function(MEASURED_STEP):
-            step()
+    with kineto_log_captured():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as session:
+            step = build()
+            for _ in range(warmup):
+                step()
+            with record_function(MEASURED_STEP):
+                step()
+        nodes = list(session.profiler.kineto_results.experimental_event_tree())
     window = None
     allocations = []  # (time, address, signed bytes)
-    nodes = list(session.profiler.kineto_results.experimental_event_tree())
     while nodes:
         node = nodes.pop()
         nodes.extend(node.children)

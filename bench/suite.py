@@ -17,7 +17,7 @@ import torch
 from pilot_kernels import aot, pilot_sgd
 
 from .contenders import (BASELINE, CONTENDERS, REFERENCES, Hyper, ModelSpec, build_contender, build_contenders,
-                         build_template, model_spec, parameter_count)
+                         build_template, model_spec, parameter_count, reference_step_with_products, with_products)
 from .memory import peak_step_memory
 from .timing import Stats, Timing, paired_ratios, time_interleaved
 from .traffic import (KernelTraffic, Traffic, fused_kernel_traffic, memory_bound_seconds, optimizer_step_traffic,
@@ -51,15 +51,16 @@ def progress(message: str) -> None:
 
 def _timing_records(timings: dict[str, Timing], device: torch.device) -> dict[str, dict[str, Any]]:
     """Times in ms (and host times on CUDA), first-call time in s, paired ratios to the baseline (and, for pilot,
-    to the references)."""
+    to every other contender)."""
     records = {}
     for name, timing in timings.items():
         record = {"time": Stats.of([t * 1e3 for t in timing.device], "ms"),
                   "first_call": Stats.exact(timing.first_call, "s"),
                   ratio_key(BASELINE): Stats.of(paired_ratios(timing.device, timings[BASELINE].device), "x")}
         if name == "pilot":
-            for reference in REFERENCES:
-                record[ratio_key(reference)] = Stats.of(paired_ratios(timing.device, timings[reference].device), "x")
+            for other, other_timing in timings.items():
+                if other not in (name, BASELINE):
+                    record[ratio_key(other)] = Stats.of(paired_ratios(timing.device, other_timing.device), "x")
         if device.type == "cuda":
             record["host_time"] = Stats.of([t * 1e3 for t in timing.host], "ms")
         records[name] = record
@@ -67,7 +68,8 @@ def _timing_records(timings: dict[str, Timing], device: torch.device) -> dict[st
 
 
 def optimizer_step(settings: Settings) -> list[dict[str, Any]]:
-    """Every contender's optimizer step on the parameter set of each model, with random gradients."""
+    """Every contender's optimizer step on the parameter set of each model, with random gradients; each
+    reference's also with its product work (:func:`bench.contenders.reference_step_with_products`)."""
     results = []
     for model in settings.models:
         progress(f"[1/4] optimizer step: {model}")
@@ -75,6 +77,9 @@ def optimizer_step(settings: Settings) -> list[dict[str, Any]]:
         for contender in contenders.values():
             contender.fill_random_grads(seed=0)
         steps = {name: contender.optimizer.step for name, contender in contenders.items()}
+        # Same model and optimizer as the reference's step alone: how fast a step runs does not depend on the values.
+        steps.update({with_products(reference): reference_step_with_products(contenders[reference], seed=0)
+                      for reference in REFERENCES})
         timings = time_interleaved(steps, settings.device, repeats=settings.repeats, warmup=settings.warmup)
         results.append({"model": model, "parameters": parameter_count(contenders[BASELINE].model),
                         "contenders": _timing_records(timings, settings.device)})

@@ -10,33 +10,47 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import pytest
 import torch
 from torch import nn
 
-from bench.contenders import CONTENDERS, Contender, Hyper, build_contenders, model_spec
+from bench.contenders import (BASELINE, CONTENDERS, REFERENCES, STEP_CONTENDERS, Contender, Hyper, build_contenders,
+                              model_spec, reference_step_with_products, with_products)
 from bench.memory import peak_step_memory
-from bench.traffic import count_aten, count_fused_step, optimizer_step_traffic
+from bench.quiet import KINETO_LINE, kineto_log_captured
+from bench.report import evaluate_targets
+from bench.suite import MEMORY_RATIO_KEY, ratio_key
+from bench.timing import Stats
+from bench.traffic import Traffic, count_aten, count_fused_step, optimizer_step_traffic, reparametrisation_traffic
 from pilot import FusedPILoTSGD
 
 REPO = Path(__file__).resolve().parent.parent
 N = 10_000
+PROGRESS_LINE = re.compile(r"^\[\d/4\] ")
+
+
+class QuickRun(NamedTuple):
+    results: dict[str, Any]
+    stdout: str
+    stderr: str
+    out: Path
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "bench", "--quick", "--threads", "1", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     with open(out / "results.json") as f:
-        return json.load(f), result.stdout, out
+        return QuickRun(json.load(f), result.stdout, result.stderr, out)
 
 
 def figures(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -52,14 +66,16 @@ def figures(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
             yield from figures(value, f"{path}[{index}]")
 
 
-def test_quick_run_writes_parsable_positive_results(quick_run: tuple[dict[str, Any], str, Path]) -> None:
-    results, stdout, out = quick_run
+def test_quick_run_writes_parsable_positive_results(quick_run: QuickRun) -> None:
+    results, stdout, out = quick_run.results, quick_run.stdout, quick_run.out
     env = results["environment"]
     assert env["device"] == "cpu" and env["device_name"].startswith("cpu: ") and env["device_name"] in stdout
     assert env["torch"] == torch.__version__ and env["triton"] and env["git_commit"]
     for section in ("optimizer_step", "training_step", "traffic", "kernel"):
         assert results[section], section
-    for entry in results["optimizer_step"] + results["training_step"]:
+    for entry in results["optimizer_step"]:
+        assert set(entry["contenders"]) == set(STEP_CONTENDERS)
+    for entry in results["training_step"]:
         assert set(entry["contenders"]) == set(CONTENDERS)
     found = list(figures(results))
     assert len(found) > 100
@@ -72,8 +88,16 @@ def test_quick_run_writes_parsable_positive_results(quick_run: tuple[dict[str, A
     assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
 
 
-def test_quick_run_reports_the_fused_kernels_traffic(quick_run: tuple[dict[str, Any], str, Path]) -> None:
-    entry = quick_run[0]["traffic"][0]
+def test_quick_run_prints_only_tables_and_progress(quick_run: QuickRun) -> None:
+    """No profiler, CUDA-probe or library log lines: stderr is the progress lines, stdout the tables."""
+    noise = [line for line in quick_run.stderr.splitlines() if not PROGRESS_LINE.match(line)]
+    assert not noise, noise
+    assert not [line for line in quick_run.stdout.splitlines() if KINETO_LINE.match(line) or ".py:" in line]
+    assert quick_run.stdout.startswith("pilot bench on cpu: ") and "Targets" in quick_run.stdout
+
+
+def test_quick_run_reports_the_fused_kernels_traffic(quick_run: QuickRun) -> None:
+    entry = quick_run.results["traffic"][0]
     kernel = entry["pilot_kernel"]
     assert kernel["factorised_bytes_per_element"]["median"] == 40
     assert kernel["plain_bytes_per_element"]["median"] == 20
@@ -81,9 +105,8 @@ def test_quick_run_reports_the_fused_kernels_traffic(quick_run: tuple[dict[str, 
     assert entry["contenders"]["dense-fused"]["bytes_per_parameter"]["median"] == 20
 
 
-def test_ptx_inspector_reports_registers_spills_and_access_widths(
-        quick_run: tuple[dict[str, Any], str, Path]) -> None:
-    reports = quick_run[0]["kernel"]
+def test_ptx_inspector_reports_registers_spills_and_access_widths(quick_run: QuickRun) -> None:
+    reports = quick_run.results["kernel"]
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
     for r in reports:
         assert 0 < r["registers"]["median"] <= 255 and r["spill_bytes"]["median"] >= 0
@@ -158,3 +181,66 @@ def test_host_time_times_the_step_without_the_kernel() -> None:
     assert len(times) == 2 and all(t > 0 for t in times)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initialised))
     assert pilot_sgd.launch_pilot_sgd is launch
+
+
+KINETO_SAMPLE = "USDT:2026-11-23 16:51:25 3492:3492 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+
+
+def test_kineto_log_lines_are_dropped_and_everything_else_passed_on(capfd: pytest.CaptureFixture[str]) -> None:
+    with kineto_log_captured():
+        os.write(2, KINETO_SAMPLE.encode())  # native code writes to the descriptor, not to sys.stderr
+        os.write(2, b"a warning that matters\n")
+    assert capfd.readouterr().err == "a warning that matters\n"
+
+
+def test_kineto_log_is_passed_on_when_the_measurement_fails(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        with kineto_log_captured():
+            os.write(2, KINETO_SAMPLE.encode())
+            raise RuntimeError("measurement failed")
+    assert capfd.readouterr().err == KINETO_SAMPLE
+
+
+def test_reference_step_with_products_does_the_counted_product_work() -> None:
+    """The timed '+ products' step moves what section 3 counts for the reference: its step plus both products."""
+    for reference in REFERENCES:
+        contenders = build_contenders(model_spec("lenet300-100"), Hyper(), torch.device("cpu"), (reference,))
+        contender = contenders[reference]
+        counted = optimizer_step_traffic(contender) + sum(reparametrisation_traffic(contender).values(), Traffic())
+        contender.fill_random_grads(seed=0)  # as section 1 leaves the parameters that are not factorised
+        step = reference_step_with_products(contender, seed=0)
+        factors_before = [p.detach().clone() for p in contender.trained]
+        timed = count_aten(step)
+        assert (timed.bytes, timed.ops) == (counted.bytes, counted.ops), reference
+        assert any(not torch.equal(before, p) for before, p in zip(factors_before, contender.trained))
+    with pytest.raises(ValueError, match="no factorised weights"):
+        reference_step_with_products(build_contenders(model_spec("lenet300-100"), Hyper(), torch.device("cpu"),
+                                                      ("dense-fused",))["dense-fused"], seed=0)
+
+
+def _results(step_ratio: float, pilot_peak: float, reference_peak: float) -> dict[str, Any]:
+    """A CPU run's results reduced to what the timing and memory targets read."""
+    step = {ratio_key(BASELINE): Stats.exact(1.0, "x"),
+            **{ratio_key(with_products(r)): Stats.exact(step_ratio, "x") for r in REFERENCES},
+            **{ratio_key(r): Stats.exact(1.0, "x") for r in REFERENCES}}  # the step alone: not a target any more
+    peaks = {"pilot": pilot_peak, **{r: reference_peak for r in REFERENCES}}
+    training = {name: {"peak_memory": Stats.exact(peak, "MiB"), ratio_key(BASELINE): Stats.exact(1.0, "x"),
+                       MEMORY_RATIO_KEY: Stats.exact(1.0, "x")} for name, peak in peaks.items()}
+    return {"environment": {"device": "cpu"},
+            "optimizer_step": [{"model": "resnet20", "contenders": {"pilot": step}}],
+            "training_step": [{"model": "resnet20", "batch_size": 16, "contenders": training}]}
+
+
+def _met(results: dict[str, Any], words: str) -> list[bool]:
+    return [t["met"] for t in evaluate_targets(results) if words in t["target"]]
+
+
+def test_step_target_compares_with_the_reference_step_and_its_products() -> None:
+    assert _met(_results(0.5, 10.0, 10.0), "step + its products") == [True, True]
+    assert _met(_results(0.51, 10.0, 10.0), "step + its products") == [False, False]
+
+
+def test_memory_target_accepts_equal_peaks_and_pilots_bookkeeping_only() -> None:
+    assert _met(_results(0.5, 100.0, 100.0), "peak memory") == [True, True]  # equal: the floor
+    assert _met(_results(0.5, 100.05, 100.0), "peak memory") == [True, True]  # padding and telemetry: 0.05%
+    assert _met(_results(0.5, 100.5, 100.0), "peak memory") == [False, False]  # 0.5% more: a real cost
