@@ -391,6 +391,22 @@ def test_batchnorm_recalibration_and_per_layer_density(tmp_path: Path, data_root
                                                                    if row["target_sparsity"] in (0.5, 0.9)]
 
 
+def test_recalibration_batches_repeat_and_leave_the_run_rng_alone(data_root: Path) -> None:
+    config, _ = parse_config(["--data-root", str(data_root), "--augment", "--bn-recalibration", "3",
+                              "--batch-size", "16", "--val-fraction", "0.25"])
+    data = train_loop.load_data(config)
+    state = torch.get_rng_state()
+    first, second = list(data.recalibration), list(data.recalibration)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    # Augmented like training (random crops of the same images differ from the plain images) and drawn from the
+    # training examples only, never from the validation split.
+    recalibration_set = data.recalibration.loader.dataset
+    plain = torch.stack([data.eval["val"].dataset.dataset[i][0] for i in recalibration_set.indices[:16]])
+    assert not torch.equal(first[0][0], plain)
+    assert not set(recalibration_set.indices) & set(data.eval["val"].dataset.indices)
+
+
 def test_learning_rate_schedules() -> None:
     def multipliers(*args: str) -> list[float]:
         config, _ = parse_config(["--epochs", "4", *args])

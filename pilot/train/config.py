@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "channel, which no per-layer rescaling changes (see pilot.pruning.pruning_scores)")
     prune.add_argument("--bn-recalibration", type=_non_negative_int, metavar="BATCHES",
                        help="after pruning, re-estimate the BatchNorm statistics on this many batches of the "
-                            "un-augmented training set (same batches for every level and method; only BatchNorm "
-                            "buffers change) and report the accuracy with and without; 0 = off; default: "
+                            "training set, augmented as in training (the same batches for every level and method; "
+                            "only BatchNorm buffers change) and report the accuracy with and without; 0 = off; "
+                            "default: "
                             + _per_dataset("bn_recalibration"))
     prune.add_argument("--cycles", type=_non_negative_int, default=0, metavar="N",
                        help="iterative pruning: after the first training, this many cycles of prune "
