@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pilot", "pilot.*", "pilot_kernels", "pilot_kernels.*", "bench", "bench.*"]),
+    # The recipe files of python -m pilot.train --recipe NAME.
+    package_data={"pilot.train": ["recipes/*.toml"]},
     install_requires=["torch", "triton", "numpy"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "torchvision", "tqdm", "matplotlib", "pillow"],
