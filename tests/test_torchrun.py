@@ -168,10 +168,14 @@ def test_a_rank_that_raises_ends_the_job(tmp_path: Path, data_root: Path) -> Non
 def test_resuming_with_another_number_of_processes_is_refused_where_batchnorm_would_change() -> None:
     config, _ = parse_config(["--batch-size", "64"])
     resnet, mlp = build_model("resnet20", 10), build_model("lenet300-100", 10)
-    check_world_size(config, mlp, 2, 4)  # no BatchNorm: the same global batches, the same training
-    check_world_size(config, resnet, 2, 2)
+    check_world_size(config, mlp, 640, 2, 4)  # no BatchNorm: the same global batches, the same training
+    check_world_size(config, resnet, 640, 2, 2)
     with pytest.raises(RunError, match="batches of 32; with 4 they would be taken over 16"):
-        check_world_size(config, resnet, 2, 4)
+        check_world_size(config, resnet, 640, 2, 4)
     with pytest.raises(RunError, match="Resume with 1 process"):
-        check_world_size(config, resnet, 1, 2)
-    check_world_size(dataclasses.replace(config, sync_bn=True), resnet, 1, 4)  # statistics over the global batch either way
+        check_world_size(config, resnet, 640, 1, 2)
+    check_world_size(dataclasses.replace(config, sync_bn=True), resnet, 640, 1, 4)  # global statistics either way
+    # 646 = 10 x 64 + 6: a final batch of 6 gives 2 processes 3 each, but not 4 processes 2 each
+    check_world_size(config, mlp, 646, 1, 2)
+    with pytest.raises(RunError, match="11 steps per epoch with 2 process.*with 4 the final batch of 6 examples"):
+        check_world_size(config, mlp, 646, 2, 4)

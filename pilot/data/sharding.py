@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
-__all__ = ["ShardedBatchSampler", "shard_bounds", "min_final_batch"]
+__all__ = ["ShardedBatchSampler", "shard_bounds", "min_final_batch", "steps_per_epoch"]
 
 
 def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -32,6 +32,13 @@ def min_final_batch(world_size: int) -> int:
     """The smallest final (partial) global batch that is trained on: every rank needs two examples, because
     BatchNorm cannot normalise a single one (for one process: the single-process loader's rule)."""
     return 2 * world_size
+
+
+def steps_per_epoch(size: int, global_batch_size: int, world_size: int) -> int:
+    """Global batches per epoch of ``size`` examples: the full ones, and the final partial one unless it is smaller
+    than :func:`min_final_batch` (so it can depend on ``world_size``)."""
+    full, final = divmod(size, global_batch_size)
+    return full + (final >= min_final_batch(world_size))
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -57,7 +64,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.drop_last = 0 < final < min_final_batch(world_size)
 
     def __len__(self) -> int:
-        return self.size // self.global_batch_size if self.drop_last else -(-self.size // self.global_batch_size)
+        return steps_per_epoch(self.size, self.global_batch_size, self.world_size)
 
     def global_size(self, step: int) -> int:
         """The number of examples of global batch ``step`` (0-based) over all ranks."""

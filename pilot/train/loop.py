@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pilot.data import DatasetBundle, load_datasets, make_loaders
 from pilot.data.loaders import eval_loader
+from pilot.data.sharding import steps_per_epoch
 from pilot.evaluate import autocast, evaluate_splits
 from pilot.iterative import IterativePruning
 from pilot.pruning import named_prunable_weights, sparsity_report
@@ -285,7 +286,8 @@ class Trainer:
             if self.checkpoint.get("format") != CHECKPOINT_FORMAT:
                 raise RunError(f"checkpoint format {self.checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT} "
                                "(written by another version of pilot.train); pass --overwrite to start over")
-            check_world_size(config, model, self.checkpoint.get("world_size", 1), place.world_size)
+            check_world_size(config, model, len(data.train.dataset), self.checkpoint.get("world_size", 1),
+                             place.world_size)
             self.progress = Progress(**self.checkpoint["progress"])
             self.cycle_end = self.checkpoint["cycle_end"]
             self.iterative.rewind_point = self.checkpoint["rewind_point"]
@@ -383,12 +385,19 @@ class Trainer:
         save_torch(state, self.out / CHECKPOINT)
 
 
-def check_world_size(config: Config, model: nn.Module, saved: int, current: int) -> None:
-    """Resuming with another number of processes is sound when the computation does not depend on it: the global
-    batches are the same (see :mod:`pilot.data.sharding`), so only BatchNorm can tell, through the batch its
-    statistics are taken over: the global batch with one process or --sync-bn, else each process's part."""
+def check_world_size(config: Config, model: nn.Module, train_size: int, saved: int, current: int) -> None:
+    """Resuming with another number of processes is sound when the computation does not depend on it. The global
+    batches are the same (see :mod:`pilot.data.sharding`) except for a small final batch, which more processes
+    drop (and the schedules count steps per epoch); and BatchNorm takes its statistics over the global batch with
+    one process or --sync-bn, else over each process's part."""
     if saved == current:
         return
+    steps = {world: steps_per_epoch(train_size, config.batch_size, world) for world in (saved, current)}
+    if steps[saved] != steps[current]:
+        raise RunError(f"--resume: this run trained {steps[saved]} steps per epoch with {saved} process(es); with "
+                       f"{current} the final batch of {train_size % config.batch_size} examples is too small to give "
+                       f"each process two, so an epoch would have {steps[current]} steps. Resume with {saved} "
+                       "process(es)")
     def norm_batch(world_size: int) -> int:
         return config.batch_size if world_size == 1 or config.sync_bn else config.batch_size // world_size
     has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
