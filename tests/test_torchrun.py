@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
+from pilot.data import load_datasets
+from pilot.evaluate import evaluate
 from pilot.models import build_model
 from pilot.train import main, parse_config
 from pilot.train.loop import check_world_size
@@ -70,13 +73,15 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str, Path]:
     """Every run of the module: torchrun jobs and their single-process counterparts."""
     base = tmp_path_factory.mktemp("runs")
-    paths = {name: base / name for name in ("ddp", "single", "step", "stopped", "single-resumed", "alphas")}
+    paths = {name: base / name for name in ("ddp", "single", "step", "stopped", "single-resumed", "alphas", "bn")}
     paths["alphas"].mkdir()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the in-process runs: see test_train.py's _one_thread
     assert succeeded(torchrun(paths["ddp"], data_root, "--epochs", "3"))
     assert single(paths["single"], data_root, "--epochs", "3") == 0
     assert succeeded(torchrun(paths["step"], data_root, *STEP_ARGS))
+    assert succeeded(torchrun(paths["bn"], data_root, "--epochs", "2", "--model", "resnet20", "--bn-recalibration",
+                              "2"))
     recording = {"PROBE_RECORD": str(paths["alphas"])}
     stopped = torchrun(paths["stopped"], data_root, *STEP_ARGS, script=(str(PROBE),),
                        env={**recording, "PROBE_STOP_AFTER_EPOCH": "1"})
@@ -151,6 +156,22 @@ def test_resume_with_another_number_of_processes(runs: dict[str, Path]) -> None:
     assert [r["train_accuracy"] for r in records(runs["single-resumed"])] == \
            [r["train_accuracy"] for r in records(runs["step"])]
     assert "random augmentation is seeded afresh" in (runs["single-resumed"] / "train.log").read_text()
+
+
+def test_sharded_evaluation_is_rank_0s_model_on_the_whole_split(runs: dict[str, Path], data_root: Path) -> None:
+    """ResNet-20: each rank's BatchNorm statistics follow its own batches during an epoch; after the broadcast the
+    ranks evaluate rank 0's model (the checkpointed one), and the reduced counts are those of the whole test split."""
+    state = final_state(runs["bn"])
+    model = build_model("resnet20", 10, 1, state["model"]["conv1.weight"].shape[-1])
+    model.load_state_dict(state["model"])
+    torch.set_num_threads(1)
+    whole = evaluate(model, DataLoader(load_datasets("fashion-mnist", data_root, augment=False).test, batch_size=64),
+                     device=torch.device("cpu"))
+    last = records(runs["bn"])[-1]
+    assert last["test_accuracy"] == whole.accuracy
+    assert last["test_loss"] == pytest.approx(whole.loss, rel=1e-5)
+    pruned = json.loads((runs["bn"] / "summary.json").read_text())["pruned"]
+    assert [row["target_sparsity"] for row in pruned] == [0.5, 0.9] and "test_accuracy_bn" in pruned[0]
 
 
 def test_a_rank_that_raises_ends_the_job(tmp_path: Path, data_root: Path) -> None:
