@@ -15,6 +15,8 @@ setup(
     python_requires=">=3.10",
     # bench/ runs from the checkout (python -m bench): installed, a top-level "bench" would shadow other packages
     packages=find_packages(include=["pilot", "pilot.*", "pilot_kernels", "pilot_kernels.*"]),
+    # The recipe files of python -m pilot.train --recipe NAME.
+    package_data={"pilot.train": ["recipes/*.toml"]},
     install_requires=["torch", "triton", "numpy"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "torchvision", "tqdm", "matplotlib", "pillow"],

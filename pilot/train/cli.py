@@ -1,7 +1,14 @@
-"""The command: parse, open the run directory, train, finish; errors become one clear message and an exit code."""
+"""The command: parse, open the run directory, train, finish; errors become one clear message and an exit code.
+
+Under torchrun every process runs this; rank 0 alone opens and writes the run directory and logs progress, the
+others log only warnings and errors (prefixed with their rank). A rank that fails exits with its message and
+status, and torchrun then ends the other processes (the default of ``--max-restarts 0``), which may be waiting in a
+collective for it.
+"""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -12,9 +19,11 @@ import torch
 
 from pilot.models import build_model
 
-from .config import parse_config
+from . import distributed
+from .config import Config, parse_config
+from .distributed import Distributed
 from .finish import finish
-from .loop import Trainer, load_data
+from .loop import Trainer, augmentation_seed, load_data
 from .methods import prepare_model
 from .rundir import LOG, RunError, open_run_dir
 
@@ -25,14 +34,19 @@ EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 @contextlib.contextmanager
-def _logging_to(path: Path) -> Iterator[None]:
-    """Log lines of ``pilot.train`` to stderr and appended to ``path`` (so a resumed run continues its log)."""
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(path, encoding="utf-8")]
-    handlers[1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+def _logging_to(path: Path, place: Distributed) -> Iterator[None]:
+    """Log lines of ``pilot.train`` to stderr and appended to ``path`` (so a resumed run continues its log); on
+    the other ranks of a distributed run only warnings and errors, to stderr, prefixed with the rank."""
+    if place.is_main:
+        handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(path, encoding="utf-8")]
+        handlers[1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    else:
+        handlers = [logging.StreamHandler(sys.stderr)]
+        handlers[0].setFormatter(logging.Formatter(f"[rank {place.rank}] %(message)s"))
     for handler in handlers:
         log.addHandler(handler)
     previous_level, log.propagate = log.level, False
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if place.is_main else logging.WARNING)
     try:
         yield
     finally:
@@ -44,26 +58,52 @@ def _logging_to(path: Path) -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``python -m pilot.train`` with ``argv`` (default: the command line); returns the exit code."""
+    """Run ``python -m pilot.train`` with ``argv`` (default: the command line); returns the exit code.
+    Under torchrun (WORLD_SIZE > 1 in the environment) it is one rank of a distributed run."""
     started = time.perf_counter()
     config, explicit = parse_config(argv)
+    place = distributed.current()
     try:
-        config = open_run_dir(config, explicit)
-    except RunError as error:
+        device = distributed.init(place, torch.device(config.device))
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    with _logging_to(Path(config.out) / LOG):
+    try:
+        return _run(config, explicit, place, device, argv, started)
+    finally:
+        if place.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def _run(config: Config, explicit: frozenset[str], place: Distributed, device: torch.device,
+         argv: Optional[Sequence[str]], started: float) -> int:
+    try:
+        config = place.from_main(lambda: open_run_dir(config, explicit))
+    except RunError as error:
+        if place.is_main:  # every rank stops with it; one copy of the message is enough
+            print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    # This rank's device (cuda:<local rank> under torchrun); config.json keeps the device as given.
+    config = dataclasses.replace(config, device=str(device))
+    with _logging_to(Path(config.out) / LOG, place):
         log.info("pilot.train %s -> %s", " ".join(sys.argv[1:] if argv is None else argv), config.out)
+        if place.enabled:
+            log.info("distributed: %d processes (%s), global batch %d = %d per process", place.world_size,
+                     torch.distributed.get_backend(), config.batch_size, config.batch_size // place.world_size)
         try:
-            data = load_data(config)
+            data = load_data(config, place)
             bundle = data.bundle
             log.info("data: %s from %s: %s", config.data, bundle.source, ", ".join(
-                f"{len(loader.dataset)} {split}" for split, loader in (("train", data.train), *data.eval.items())))
-            torch.manual_seed(config.seed)
+                f"{len(loader.dataset)} {split}" for split, loader in (("train", data.train), *data.eval.items()))
+                + (" (evaluation: rank 0's part)" if place.enabled else ""))
+            torch.manual_seed(config.seed)  # the same initial weights on every rank
             model = build_model(config.model, bundle.num_classes, bundle.in_channels, bundle.image_size)
-            trainer = Trainer(config, data, prepare_model(config, model, torch.device(config.device)))
+            model = prepare_model(config, model, device, distributed=place.enabled)
+            if place.enabled:
+                torch.manual_seed(augmentation_seed(config.seed, place.rank))
+            trainer = Trainer(config, data, model, place)
             method = trainer.run()
-            finish(config, data, method.model, trainer.progress, started=started)
+            finish(config, data, method.model, trainer.progress, started=started, place=place)
         except RunError as error:
             log.error("error: %s", error)
             return EXIT_ERROR

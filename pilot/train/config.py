@@ -5,7 +5,9 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -16,6 +18,8 @@ from pilot.models import MODEL_NAMES
 from pilot.optim import BACKENDS
 from pilot.pruning import CRITERIA, SCOPES
 from pilot.schedule import SIGNALS
+
+from . import distributed
 
 METHODS = ("dense", "pilot", "spred", "lasso", "str")
 LR_SCHEDULES = ("cosine", "step", "constant")
@@ -44,7 +48,8 @@ DEFAULT_STR_INIT = -5.0
 ITERATIVE_DEFAULTS = {"prune_rate": 0.2, "rewind": "lrr", "rewind_epoch": 1}
 # Settings that may differ between a run and its --resume without changing what is computed
 # (device and backend can change the last bits of the result, but moving a run to another machine is legitimate).
-RUNTIME_KEYS = frozenset({"out", "resume", "overwrite", "device", "backend", "workers", "progress"})
+RUNTIME_KEYS = frozenset({"out", "resume", "overwrite", "device", "backend", "workers", "progress",
+                          "channels_last"})
 # Settings of the evaluation after training: --resume of a finished run evaluates it again with new ones.
 FINISH_KEYS = frozenset({"sparsity", "curve", "prune_scope", "prune_criterion", "bn_recalibration"})
 # Keys of configurations written by earlier versions: renamed ones, and new ones with the value they implied.
@@ -52,7 +57,10 @@ RENAMED_KEYS = {"l1_threshold": "threshold", "l1_threshold_absolute": "threshold
 IMPLIED_KEYS = {"signal": lambda saved: "l1" if saved.get("method") == "pilot" else None,
                 "alpha_update": lambda saved: "epoch" if saved.get("method") == "pilot" else None,
                 "accuracy_window": lambda saved: None, "bn_recalibration": lambda saved: 0,
-                "prune_criterion": lambda saved: "magnitude", "curve": lambda saved: True}
+                "prune_criterion": lambda saved: "magnitude", "curve": lambda saved: True,
+                "label_smoothing": lambda saved: 0.0, "conv_init": lambda saved: "fan-out",
+                "sync_bn": lambda saved: False, "channels_last": lambda saved: False}
+CONV_INITS = ("fan-out", "fan-in")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ class Config:
     momentum: float
     nesterov: bool
     weight_decay: float
+    label_smoothing: float
+    conv_init: str
     alpha: Optional[float]
     beta: Optional[float]
     factor: Optional[float]
@@ -99,7 +109,9 @@ class Config:
     rewind_epoch: int
     seed: int
     device: str
+    sync_bn: bool
     bf16: bool
+    channels_last: bool
     backend: str
     workers: int
     out: str
@@ -237,9 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="epochs after which --lr-schedule step decays (default: 50%% and 75%% of --epochs)")
     optim.add_argument("--gamma", type=_fraction_open, default=0.1, help="decay of the step schedule")
     optim.add_argument("--momentum", type=_momentum, default=0.9, help="SGD momentum")
-    optim.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False,
+                       help="Nesterov momentum")
     optim.add_argument("--weight-decay", type=_non_negative, default=5e-4, metavar="WD",
                        help="L2 weight decay (for pilot/spred: on the parameters that are not factorised)")
+    optim.add_argument("--label-smoothing", type=_number(float, low=0.0, high=1.0, high_open=True), default=0.0,
+                       metavar="EPS", help="label smoothing of the training loss (evaluation losses are plain)")
+    optim.add_argument("--conv-init", choices=CONV_INITS, default="fan-out",
+                       help="Kaiming-normal init of the convolutions with fan-out (torchvision's) or fan-in "
+                            "(STR's ImageNet setup)")
 
     reg = parser.add_argument_group("sparsifying regularisation")
     reg.add_argument("--alpha", type=_non_negative,
@@ -314,14 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(default {ITERATIVE_DEFAULTS['rewind_epoch']})")
 
     run = parser.add_argument_group("run")
+    run.add_argument("--recipe", metavar="NAME_OR_PATH",
+                     help="read the settings of a TOML recipe first (flags given on the command line override "
+                          f"them): one of pilot's ({', '.join(recipe_names())}) or a file")
     run.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the init, shuffling and augmentation")
     run.add_argument("--device", default=default_device(),
                      help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    run.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and backward (CUDA only)")
+    run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                     help="under torchrun (CUDA): BatchNorm statistics over the global batch (SyncBatchNorm), not "
+                          "each process's part of it")
+    run.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                     help="bf16 autocast for forward and backward (CUDA only)")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                     help="channels_last memory format for the model and its inputs (on CUDA, faster "
+                          "convolutions under bf16)")
     run.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="FusedPILoTSGD backend (pilot/spred): auto = Triton on CUDA, torch.compile on CPU")
     run.add_argument("--workers", type=_non_negative_int, metavar="N",
-                     help="DataLoader worker processes (default: 0 on CPU, min(8, CPUs) on CUDA)")
+                     help="DataLoader worker processes of each process (default: 0 on CPU, on CUDA min(8, the "
+                          "CPUs per process of the node); memory is pinned on CUDA)")
     run.add_argument("--out", metavar="DIR", help="run directory (default: runs/<method>-<model>-<data>-seed<seed>)")
     existing = run.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -330,19 +359,96 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------------------------- recipe files
+
+# The recipe files shipped with pilot (package data): --recipe NAME reads RECIPE_DIRECTORY / f"{NAME}.toml".
+RECIPE_DIRECTORY = Path(__file__).with_name("recipes")
+# Options a recipe cannot set: they say what to do with a run directory, not how to train.
+NOT_IN_RECIPES = frozenset({"recipe", "resume", "overwrite", "out"})
+
+
+def recipe_names() -> list[str]:
+    return sorted(path.stem for path in RECIPE_DIRECTORY.glob("*.toml"))
+
+
+def read_recipe(spec: str) -> dict[str, Any]:
+    """The TOML recipe ``spec``: the name of a shipped recipe (:func:`recipe_names`) or the path of a file."""
+    path = Path(spec)
+    if not path.is_file():
+        path = RECIPE_DIRECTORY / f"{spec}.toml"
+    if not path.is_file():
+        raise ValueError(f"--recipe {spec}: no such file, and not one of pilot's recipes "
+                         f"({', '.join(recipe_names())})")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ValueError("--recipe needs Python 3.11 or later (tomllib), or `pip install tomli`") from None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"--recipe {path}: {error}") from error
+
+
+def recipe_arguments(recipe_file: dict[str, Any], parser: argparse.ArgumentParser,
+                     method: Optional[str]) -> list[str]:
+    """The command-line arguments a recipe stands for, to be put before the user's (so that those override it).
+
+    A recipe's keys are long option names without the dashes (``batch-size = 256``, ``augment = false``,
+    ``sparsity = [0.9, 0.95]``); a table named after a method (``[pilot]``) holds options that apply only when
+    that method runs (``method`` as given on the command line, else the recipe's own ``method``, else pilot).
+    """
+    options = {option[2:]: action for action in parser._actions for option in action.option_strings
+               if option.startswith("--")}
+    method = method or recipe_file.get("method") or parser.get_default("method")
+    tables = {key: value for key, value in recipe_file.items() if isinstance(value, dict)}
+    unknown_tables = sorted(set(tables) - set(METHODS))
+    if unknown_tables:
+        raise ValueError(f"recipe tables {unknown_tables} are not methods; tables may be {', '.join(METHODS)}")
+    settings = {key: value for key, value in recipe_file.items() if key not in tables}
+    settings.update(tables.get(method, {}))
+    arguments = []
+    for key, value in settings.items():
+        action = options.get(key)
+        if action is None or action.dest in NOT_IN_RECIPES or action.dest == "help":
+            raise ValueError(f"recipe key {key!r} is not an option of python -m pilot.train that a recipe may set "
+                             "(keys are long option names without the dashes, e.g. batch-size)")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise ValueError(f"recipe key {key!r} must be true or false, got {value!r}")
+            arguments.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(value, (bool, dict)) or action.nargs == 0:
+            raise ValueError(f"recipe key {key!r} cannot be {value!r}")
+        elif isinstance(value, list):
+            arguments += [f"--{key}", *map(str, value)]
+        else:
+            arguments += [f"--{key}", str(value)]
+    return arguments
+
+
 def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[Config, frozenset[str]]:
     """Parse the command line into a validated :class:`Config` with every default resolved, and the names of the
-    settings given explicitly (``--resume`` compares those with the saved run)."""
+    settings given explicitly (``--resume`` compares those with the saved run). With ``--recipe``, the recipe's
+    settings come first, so that the command line's flags override them (and they count as explicit)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given, _ = parser.parse_known_args(argv)  # only --recipe and --method are read here
+    if given.recipe is not None:
+        try:
+            argv = recipe_arguments(read_recipe(given.recipe), parser, given.method) + argv
+        except ValueError as error:
+            parser.error(str(error))
     args = parser.parse_args(argv)
     try:
         config = resolve(args)
     except ValueError as error:
         parser.error(str(error))
-    # Parsed again without defaults: what remains was on the command line.
+    # Parsed again without defaults: what remains was on the command line (or in the recipe).
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return config, frozenset(vars(parser.parse_args(argv)))
+    return config, frozenset(vars(parser.parse_args(argv))) - {"recipe"}
 
 
 def resolve(args: argparse.Namespace) -> Config:
@@ -391,15 +497,27 @@ def resolve(args: argparse.Namespace) -> Config:
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     if args.bf16 and device.type != "cuda":
         raise ValueError("--bf16 autocast needs a CUDA device")
+    place = distributed.current()
+    if args.batch_size % place.world_size:
+        raise ValueError(f"--batch-size is the global batch; {args.batch_size} is not divisible by the "
+                         f"{place.world_size} processes: pass a multiple of {place.world_size}")
+    if args.sync_bn and not place.enabled:
+        raise ValueError("--sync-bn needs several processes (torchrun --nproc-per-node N with N > 1); one process "
+                         "already normalises over the whole batch")
+    if args.sync_bn and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
     model = args.model or DEFAULT_MODELS[args.data]
-    workers = args.workers if args.workers is not None else (min(8, _cpu_count()) if device.type == "cuda" else 0)
+    # On CUDA the node's CPUs are shared by its processes (torchrun's LOCAL_WORLD_SIZE), each with its own workers.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = args.workers if args.workers is not None else (
+        min(8, max(1, _cpu_count() // local_processes)) if device.type == "cuda" else 0)
     out = args.out or f"runs/{method}-{model}-{args.data}-seed{args.seed}"
     return Config(
         method=method, data=args.data, data_root=args.data_root, model=model, limit=args.limit,
         augment=_default(args.augment, defaults["augment"]), val_fraction=args.val_fraction, epochs=epochs,
         batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, warmup_epochs=warmup_epochs,
         milestones=milestones, gamma=args.gamma, momentum=args.momentum, nesterov=args.nesterov,
-        weight_decay=args.weight_decay,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, conv_init=args.conv_init,
         alpha=_default(args.alpha, defaults["alpha"][method]) if method in defaults["alpha"] else None,
         beta={"pilot": _default(args.beta, DEFAULT_BETA), "spred": 0.0}.get(method),
         factor=_default(args.factor, defaults["factor"]) if method == "pilot" else None,
@@ -413,7 +531,8 @@ def resolve(args: argparse.Namespace) -> Config:
         prune_criterion=args.prune_criterion,
         bn_recalibration=_default(args.bn_recalibration, defaults["bn_recalibration"]), cycles=args.cycles,
         **iterative, seed=args.seed,
-        device=str(device), bf16=args.bf16, backend=args.backend, workers=workers, out=out, resume=args.resume,
+        device=str(device), sync_bn=args.sync_bn, bf16=args.bf16, channels_last=args.channels_last,
+        backend=args.backend, workers=workers, out=out, resume=args.resume,
         overwrite=args.overwrite, progress=args.progress,
     )
 

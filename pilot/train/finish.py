@@ -21,6 +21,7 @@ from pilot.plots import plot_layer_density, plot_one_shot, plot_training_curves
 from pilot.pruning import export_sparse, sparsity_report
 
 from .config import Config
+from .distributed import SINGLE, Distributed
 from .loop import Data, Progress
 from .rundir import (CURVES_PNG, LAYER_DENSITY_PNG, ONE_SHOT_JSON, ONE_SHOT_PNG, SUMMARY, pruned_model_name,
                      save_json, save_torch)
@@ -36,10 +37,12 @@ def plain_model(model: nn.Module) -> nn.Module:
     return remove_str_(copy.deepcopy(model))
 
 
-def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, started: float) -> dict[str, Any]:
+def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, started: float,
+           place: Distributed = SINGLE) -> Optional[dict[str, Any]]:
     """Prune, evaluate and export the trained ``model``; write one_shot.json/.png, curves.png and summary.json.
 
-    ``started`` is the ``time.perf_counter()`` at which this invocation began. Returns the summary.
+    ``started`` is the ``time.perf_counter()`` at which this invocation began. Returns the summary (on rank 0; None
+    on the other ranks of a distributed run, which prune the same weights, evaluate their shards and write nothing).
     """
     out = Path(config.out)
     device = torch.device(config.device)
@@ -50,7 +53,7 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
     pruned_results: dict[float, dict[str, Any]] = {}
 
     def save_if_target(level: float, pruned: nn.Module) -> None:
-        if level not in targets:
+        if level not in targets or not place.is_main:
             return
         state_dict, masks = export_sparse(pruned)
         name = pruned_model_name(level)
@@ -69,12 +72,16 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
     curve = one_shot_curve(trained, levels, data.eval, device=device,
                            scope=config.prune_scope, autocast_dtype=autocast_dtype, on_pruned=save_if_target,
                            recalibration=data.recalibration, criterion=config.prune_criterion)
+    curve = [place.reduce_metrics(row, data.eval, device) for row in curve]
     final = progress.history[-1]
     unpruned = {key: final[key] for key in final if key.endswith(("_loss", "_accuracy"))}
     if data.recalibration is not None:  # the same recalibration on the unpruned model, for comparison
         recalibrate_batchnorm_(trained, data.recalibration, device=device, autocast_dtype=autocast_dtype)
-        unpruned.update(evaluate_splits(trained, data.eval, device=device, autocast_dtype=autocast_dtype,
-                                        suffix=RECALIBRATED))
+        unpruned.update(place.reduce_metrics(evaluate_splits(trained, data.eval, device=device,
+                                                             autocast_dtype=autocast_dtype, suffix=RECALIBRATED),
+                                             data.eval, device))
+    if not place.is_main:
+        return None
     save_json({"method": config.method, "model": config.model, "data": config.data, "scope": config.prune_scope,
                "criterion": config.prune_criterion, "bn_recalibration_batches": config.bn_recalibration,
                "unpruned": unpruned, "levels": curve}, out / ONE_SHOT_JSON)
@@ -94,6 +101,7 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
         "config": config.to_json(),
         "versions": versions(),
         "device": device_info(device),
+        "world_size": place.world_size,
         "epochs": final["epoch"],
         "times": {"train_seconds": progress.train_seconds, "eval_seconds": progress.eval_seconds,
                   "seconds_per_epoch": progress.train_seconds / len(progress.history),

@@ -4,6 +4,10 @@ Resuming is exact on the CPU: the checkpoint written after epoch e holds everyth
 optimizer with PILoT's factors and momenta, LR and alpha schedules, the global torch RNG that drives the data
 augmentation, the train loader's shuffling generator), saved at the epoch boundary, so a run stopped after epoch e
 and resumed ends with bit-identical weights to one that never stopped.
+
+Under torchrun (:mod:`pilot.train.distributed`) each rank trains on its part of every global batch through
+DistributedDataParallel, the ranks' sums are reduced before anything is decided or recorded, rank 0 alone writes,
+and the checkpoint holds every rank's RNG state (restored when resuming with as many ranks).
 """
 from __future__ import annotations
 
@@ -18,17 +22,21 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from pilot.data import DatasetBundle, load_datasets, make_loaders
-from pilot.evaluate import autocast, evaluate
+from pilot.data.loaders import eval_loader
+from pilot.data.sharding import steps_per_epoch
+from pilot.evaluate import autocast, evaluate_splits
 from pilot.iterative import IterativePruning
 from pilot.pruning import named_prunable_weights, sparsity_report
 from pilot.schedule import effective_density
 
 from .config import Config
+from .distributed import SINGLE, Distributed
 from .methods import Method, make_method, make_optimizer
 from .rundir import CHECKPOINT, METRICS, RunError, append_jsonl, read_checkpoint, save_torch, write_jsonl
 
@@ -81,9 +89,11 @@ class Progress:
     initial_l1: Optional[float] = None
 
 
-def load_data(config: Config) -> Data:
+def load_data(config: Config, place: Distributed = SINGLE) -> Data:
     """The loaders of ``config.data``; with ``val_fraction`` a fixed part of the train split becomes ``val``;
     with ``bn_recalibration`` a fixed sample of the (remaining) training examples recalibrates BatchNorm.
+    In a distributed run the train and evaluation loaders are ``place``'s shards; every rank recalibrates on all
+    the recalibration batches (so every rank's BatchNorm statistics come out the same).
 
     The recalibration batches are augmented as in training: the running statistics the network was trained with
     describe augmented inputs (measured on ResNet-20 / CIFAR-10, un-augmented recalibration batches cost 1-1.5
@@ -115,32 +125,66 @@ def load_data(config: Config) -> Data:
         chosen = torch.randperm(len(train_indices), generator=torch.Generator().manual_seed(RECALIBRATION_SEED))
         recalibration = SameBatches(DataLoader(Subset(full_train, [train_indices[i] for i in chosen[:wanted].tolist()]),
                                                batch_size=config.batch_size, shuffle=False,
-                                               num_workers=config.workers), RECALIBRATION_SEED)
-    train_loader, test_loader = make_loaders(bundle, config.batch_size, num_workers=config.workers, seed=config.seed,
-                                             device=config.device)
-    eval_loaders = {"test": test_loader}
-    if held_out is not None:
-        eval_loaders = {"val": DataLoader(held_out, batch_size=test_loader.batch_size,
-                                          num_workers=test_loader.num_workers, pin_memory=test_loader.pin_memory,
-                                          persistent_workers=test_loader.persistent_workers), **eval_loaders}
+                                               num_workers=config.workers,
+                                               pin_memory=torch.device(config.device).type == "cuda"),
+                                    RECALIBRATION_SEED)
+    try:
+        train_loader, test_loader = make_loaders(bundle, config.batch_size, num_workers=config.workers,
+                                                 seed=config.seed, device=config.device, rank=place.rank,
+                                                 world_size=place.world_size)
+        eval_loaders = {"test": test_loader}
+        if held_out is not None:
+            eval_loaders = {"val": eval_loader(held_out, test_loader.batch_size, num_workers=test_loader.num_workers,
+                                               pin_memory=test_loader.pin_memory, rank=place.rank,
+                                               world_size=place.world_size), **eval_loaders}
+    except ValueError as error:
+        raise RunError(f"--data {config.data}: {error}; use fewer processes or more examples") from error
     return Data(bundle, train_loader, eval_loaders, recalibration)
 
 
 # ---------------------------------------------------------------------------------------------- RNG state
 
-def _rng_state(loader: DataLoader) -> dict[str, Any]:
-    # Only torch's generators: the augmentation (torchvision v2) and the shuffling draw from them; nothing in a run
-    # uses Python's or numpy's global RNG (DataLoader workers derive theirs from the loader's generator).
+# Only torch's generators: the augmentation (torchvision v2) and the shuffling draw from them; nothing in a run
+# uses Python's or numpy's global RNG (DataLoader workers derive theirs from the loader's generator). The loader's
+# generator is the same on every rank; the global one is each rank's own (see augmentation_seed).
+
+def _local_rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "loader": loader.generator.get_state()}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _set_rng_state(state: dict[str, Any], loader: DataLoader) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _rng_state(loader: DataLoader, place: Distributed) -> Optional[dict[str, Any]]:
+    """The RNG states to checkpoint, on rank 0 (None on the others): a single process's as they always were, a
+    distributed run's with every rank's global state under "ranks"."""
+    ranks = place.gather_object(_local_rng_state())
+    if ranks is None:
+        return None
+    if not place.enabled:
+        return {**ranks[0], "loader": loader.generator.get_state()}
+    return {"ranks": ranks, "loader": loader.generator.get_state()}
+
+
+def augmentation_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of ``rank``'s global RNG (its augmentation) in a distributed run, after the model is initialised
+    alike on every rank: distinct for every (seed, rank, epoch of a resume), so the ranks do not crop and flip in
+    lockstep."""
+    return ((seed << 32) + (rank << 16) + epoch) % 2 ** 64  # torch.manual_seed takes 64 bits
+
+
+def _set_rng_state(state: dict[str, Any], loader: DataLoader, place: Distributed, *, seed: int, epoch: int) -> None:
     loader.generator.set_state(state["loader"])
+    ranks = state.get("ranks", [state])
+    if len(ranks) != place.world_size:
+        # The shuffling continues exactly (the loader's generator is shared); the augmentation cannot, since the
+        # checkpoint has no RNG state for this rank: it is seeded afresh.
+        log.warning("the checkpoint holds the RNG states of %d process(es), this run has %d: the data order "
+                    "continues exactly, the random augmentation is seeded afresh", len(ranks), place.world_size)
+        torch.manual_seed(augmentation_seed(seed, place.rank, epoch))
+        return
+    local = ranks[place.rank]
+    torch.set_rng_state(local["torch"])
+    if local["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(local["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------- epochs
@@ -156,32 +200,45 @@ def prunable_effective_density(model: nn.Module) -> float:
 
 
 def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
-                    autocast_dtype: Optional[torch.dtype], bar: tqdm) -> tuple[float, float]:
-    """One pass over ``loader`` (one optimizer and LR-schedule step per batch); returns (mean loss, accuracy)."""
+                    autocast_dtype: Optional[torch.dtype], bar: tqdm, label_smoothing: float = 0.0,
+                    memory_format: torch.memory_format = torch.preserve_format,
+                    network: Optional[nn.Module] = None, place: Distributed = SINGLE) -> tuple[float, float]:
+    """One pass over ``loader`` (one optimizer and LR-schedule step per batch); returns (mean loss, accuracy) over
+    all ranks. ``network`` is what runs forward and backward: ``method.model`` or its DistributedDataParallel."""
     model, optimizer = method.model, method.optimizer
-    model.train()
+    network = network or model
+    network.train()
     # Running sums stay on the device; reading them (a sync) happens only when the bar is refreshed.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     refresh_every = max(1, len(loader) // BAR_UPDATES_PER_EPOCH)
     for step, (inputs, targets) in enumerate(loader, start=1):
-        inputs = inputs.to(device, non_blocking=True)
+        inputs = inputs.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, autocast_dtype):
-            logits = model(inputs)
-        loss = nn.functional.cross_entropy(logits.float(), targets)
+            logits = network(inputs)
+        if place.enabled:
+            # DDP averages the ranks' gradients; scaled by ranks / global batch, each rank's summed loss makes that
+            # average the gradient of the mean over the global batch, also when its final batch splits unevenly.
+            summed = nn.functional.cross_entropy(logits.float(), targets, reduction="sum",
+                                                 label_smoothing=label_smoothing)
+            loss = summed * (place.world_size / loader.batch_sampler.global_size(step - 1))
+            loss_sum += summed.detach()
+        else:
+            loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+            loss_sum += loss.detach() * targets.shape[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         method.before_step()
         optimizer.step()
         method.lr_schedule.step()
-        loss_sum += loss.detach() * targets.shape[0]
         batch_correct = (logits.detach().argmax(dim=1) == targets).sum()
         correct += batch_correct
         seen += targets.shape[0]
-        if method.steps_alpha:
-            method.end_step(batch_correct.item() / targets.shape[0])
+        if method.steps_alpha:  # Algorithm 1 on every rank sees the accuracy of the whole global batch
+            hits, examples = place.all_reduce_sum([batch_correct.item(), targets.shape[0]], device)
+            method.end_step(hits / examples)
         bar.update()
         if step % refresh_every == 0 or step == len(loader):
             mean_loss = loss_sum.item() / seen
@@ -193,7 +250,8 @@ def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
             if method.alpha() is not None:
                 postfix["alpha"] = f"{method.alpha():.3g}"
             bar.set_postfix(postfix, refresh=False)
-    return loss_sum.item() / seen, correct.item() / seen
+    loss_total, correct_total, seen_total = place.all_reduce_sum([loss_sum.item(), correct.item(), seen], device)
+    return loss_total / seen_total, correct_total / seen_total
 
 
 
@@ -231,20 +289,25 @@ class Trainer:
     the driver prunes and rewinds exactly as it did before the stop; cycle k then loads the checkpoint and goes on.
     """
 
-    def __init__(self, config: Config, data: Data, model: nn.Module) -> None:
-        self.config, self.data = config, data
+    def __init__(self, config: Config, data: Data, model: nn.Module, place: Distributed = SINGLE) -> None:
+        self.config, self.data, self.place = config, data, place
         self.out = Path(config.out)
         self.device = torch.device(config.device)
         self.autocast_dtype = torch.bfloat16 if config.bf16 else None
+        self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+        self.network: Optional[DistributedDataParallel] = None  # built once the optimizer has set the weights
         self.iterative = IterativePruning(model, lambda m: make_optimizer(config, m), mode=config.rewind,
                                           keep_rate=1.0 - config.prune_rate, scope=config.prune_scope)
         self.progress = Progress()
         self.cycle_end: Optional[dict[str, Any]] = None
-        self.checkpoint = read_checkpoint(self.out) if config.resume else None
+        # Rank 0 reads the checkpoint and sends it to the others: the run directory need not be on a shared disk.
+        self.checkpoint = place.from_main(lambda: read_checkpoint(self.out)) if config.resume else None
         if self.checkpoint is not None:
             if self.checkpoint.get("format") != CHECKPOINT_FORMAT:
                 raise RunError(f"checkpoint format {self.checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT} "
                                "(written by another version of pilot.train); pass --overwrite to start over")
+            check_world_size(config, model, len(data.train.dataset), self.checkpoint.get("world_size", 1),
+                             place.world_size)
             self.progress = Progress(**self.checkpoint["progress"])
             self.cycle_end = self.checkpoint["cycle_end"]
             self.iterative.rewind_point = self.checkpoint["rewind_point"]
@@ -252,7 +315,8 @@ class Trainer:
         elif config.resume:
             log.info("%s has no checkpoint yet: starting from epoch 1", self.out)
         # Records written after the checkpoint (a crash between the two writes) go with their unsaved epoch.
-        write_jsonl(self.progress.history, self.out / METRICS)
+        if place.is_main:
+            write_jsonl(self.progress.history, self.out / METRICS)
         self.method: Optional[Method] = None
 
     def run(self) -> Method:
@@ -272,11 +336,17 @@ class Trainer:
         if self.checkpoint is not None:
             model.load_state_dict(self.checkpoint["model"])
             method.load_state_dict(self.checkpoint["method"])  # after the model: FusedPILoTSGD sets x = m * w
-            _set_rng_state(self.checkpoint["rng"], self.data.train)
+            _set_rng_state(self.checkpoint["rng"], self.data.train, self.place, seed=config.seed,
+                           epoch=cycle * config.epochs + self.progress.epoch)
             self.checkpoint = None
         else:
             self.progress.cycle, self.progress.epoch = cycle, 0
             self.progress.initial_l1 = method.l1_norm()
+        if self.place.enabled and self.network is None:
+            # After the optimizer is built (FusedPILoTSGD rounds the weights to m0 * w0) and the checkpoint loaded:
+            # DDP registers its gradient hooks on these parameter tensors, which pruning and rewinding only edit.
+            self.network = DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None)
         for epoch in range(self.progress.epoch + 1, config.epochs + 1):
             self.train_epoch(method, cycle, epoch)
             if config.rewind == "wr" and cycle == 0 and epoch == config.rewind_epoch:
@@ -293,14 +363,19 @@ class Trainer:
                                   "lr": method.optimizer.param_groups[0]["lr"], "alpha": method.alpha()}
         started = time.perf_counter()
         with tqdm(total=len(self.data.train), desc=f"epoch {global_epoch}/{config.epochs * (config.cycles + 1)}",
-                  unit="batch", leave=False, disable=not config.progress, dynamic_ncols=True) as bar:
+                  unit="batch", leave=False, disable=not (config.progress and self.place.is_main),
+                  dynamic_ncols=True) as bar:
             record["train_loss"], record["train_accuracy"] = train_one_epoch(
-                method, self.data.train, device=self.device, autocast_dtype=self.autocast_dtype, bar=bar)
+                method, self.data.train, device=self.device, autocast_dtype=self.autocast_dtype, bar=bar,
+                label_smoothing=config.label_smoothing, memory_format=self.memory_format, network=self.network,
+                place=self.place)
         record["seconds"] = time.perf_counter() - started
+        # Each rank updated its BatchNorm statistics with its own batches: from here on all hold rank 0's.
+        self.place.broadcast_buffers(method.model)
         started = time.perf_counter()
-        for split, loader in self.data.eval.items():
-            result = evaluate(method.model, loader, device=self.device, autocast_dtype=self.autocast_dtype)
-            record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
+        record.update(self.place.reduce_metrics(
+            evaluate_splits(method.model, self.data.eval, device=self.device, autocast_dtype=self.autocast_dtype),
+            self.data.eval, self.device))
         record["eval_seconds"] = time.perf_counter() - started
         record["density"] = density(method.model)
         record["effective_density"] = prunable_effective_density(method.model)
@@ -315,11 +390,40 @@ class Trainer:
         self.progress.train_seconds += record["seconds"]
         self.progress.eval_seconds += record["eval_seconds"]
         log.info(format_record(record, config))
-        append_jsonl(record, self.out / METRICS)
+        if self.place.is_main:
+            append_jsonl(record, self.out / METRICS)
 
     def save_checkpoint(self, method: Method) -> None:
-        save_torch({"format": CHECKPOINT_FORMAT, "model": method.model.state_dict(), "method": method.state_dict(),
-                    "progress": dataclasses.asdict(self.progress), "rng": _rng_state(self.data.train),
-                    "cycle_end": self.cycle_end,
-                    "rewind_point": self.iterative.rewind_point if self.config.rewind == "wr" else None},
-                   self.out / CHECKPOINT)
+        rng = _rng_state(self.data.train, self.place)  # every rank takes part in gathering the RNG states
+        if not self.place.is_main:
+            return
+        state = {"format": CHECKPOINT_FORMAT, "model": method.model.state_dict(), "method": method.state_dict(),
+                 "progress": dataclasses.asdict(self.progress), "rng": rng, "cycle_end": self.cycle_end,
+                 "rewind_point": self.iterative.rewind_point if self.config.rewind == "wr" else None}
+        if self.place.enabled:  # single-process checkpoints stay as they were (world size 1 is implied)
+            state["world_size"] = self.place.world_size
+        save_torch(state, self.out / CHECKPOINT)
+
+
+def check_world_size(config: Config, model: nn.Module, train_size: int, saved: int, current: int) -> None:
+    """Resuming with another number of processes is sound when the computation does not depend on it. The global
+    batches are the same (see :mod:`pilot.data.sharding`) except for a small final batch, which more processes
+    drop (and the schedules count steps per epoch); and BatchNorm takes its statistics over the global batch with
+    one process or --sync-bn, else over each process's part."""
+    if saved == current:
+        return
+    steps = {world: steps_per_epoch(train_size, config.batch_size, world) for world in (saved, current)}
+    if steps[saved] != steps[current]:
+        raise RunError(f"--resume: this run trained {steps[saved]} steps per epoch with {saved} process(es); with "
+                       f"{current} the final batch of {train_size % config.batch_size} examples is too small to give "
+                       f"each process two, so an epoch would have {steps[current]} steps. Resume with {saved} "
+                       "process(es)")
+    def norm_batch(world_size: int) -> int:
+        return config.batch_size if world_size == 1 or config.sync_bn else config.batch_size // world_size
+    has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_norm and norm_batch(saved) != norm_batch(current):
+        raise RunError(f"--resume: this run trained with {saved} process(es), whose BatchNorm statistics were taken "
+                       f"over batches of {norm_batch(saved)}; with {current} they would be taken over "
+                       f"{norm_batch(current)}, a different training. Resume with {saved} process(es) (a run "
+                       "trained with --sync-bn, or without BatchNorm, resumes with any number)")
+    log.info("resuming a run of %d process(es) with %d: the global batches are the same", saved, current)

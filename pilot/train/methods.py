@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from pilot.baselines import ProxSGD, lasso_param_groups, spred_optimizer, str_param_groups, to_str_model
+from pilot.models import init_weights
 from pilot.optim import FusedPILoTSGD
 from pilot.schedule import PILoTSchedule
 
@@ -133,10 +134,19 @@ class Method:
         self.running_accuracy, self.running_weight = state["running_accuracy"], state["running_weight"]
 
 
-def prepare_model(config: Config, model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` converted for the method (STR's soft-threshold layers for --method str) and moved to ``device``."""
+def prepare_model(config: Config, model: nn.Module, device: torch.device, *, distributed: bool = False
+                  ) -> nn.Module:
+    """``model`` (freshly built) re-initialised as --conv-init asks, converted for the method (STR's soft-threshold
+    layers for --method str), to SyncBatchNorm with --sync-bn in a ``distributed`` run, and moved to ``device``
+    (channels_last with --channels-last)."""
+    if config.conv_init == "fan-in":
+        init_weights(model, conv_mode="fan_in")
     if config.method == "str":
         model = to_str_model(model, s_init=config.str_init)
+    if config.sync_bn and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.channels_last:
+        return model.to(device, memory_format=torch.channels_last)
     return model.to(device)
 
 
