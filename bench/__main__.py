@@ -28,8 +28,9 @@ from typing import Any, Optional, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from pilot.models import MODEL_NAMES  # noqa: E402
+from pilot.quiet import drop_cuda_home_notice  # noqa: E402
 
-from . import quiet, report, suite  # noqa: E402
+from . import report, suite  # noqa: E402
 
 SECTIONS = ("step", "train", "traffic", "kernel")
 DEFAULT_MODELS = ("resnet20", "resnet18", "resnet50")
@@ -121,7 +122,7 @@ def run(settings: suite.Settings, sections: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    quiet.drop_cuda_home_notice()
+    drop_cuda_home_notice()
     settings = settings_from(args)
     results = run(settings, args.sections)
     print(report.format_tables(results))

@@ -4,7 +4,8 @@ Two sources print on a machine without a GPU, and neither says anything about th
 
 * ``torch.utils.cpp_extension`` (imported by torch.compile, pilot's CPU step) logs "No CUDA runtime is found,
   using CUDA_HOME=..." when a CUDA toolkit is installed but no GPU is present. The bench builds no CUDA extension
-  and says in its first line which device it measured, so that one record is dropped at its logger.
+  and says in its first line which device it measured, so that one record is dropped at its logger
+  (:func:`pilot.quiet.drop_cuda_home_notice`, which python -m pilot.train uses too).
 * The profiler behind the CPU memory measurement (Kineto, native code) writes its own log lines straight to file
   descriptor 2: ``profiler_start`` / ``profiler_stop`` markers and, without a GPU, "ERROR: gpuGetDeviceCount
   failed". :func:`kineto_log_captured` captures the descriptor around that measurement only and passes on every
@@ -12,7 +13,6 @@ Two sources print on a machine without a GPU, and neither says anything about th
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -23,18 +23,6 @@ from typing import Iterator
 # Kineto's log prefix: "<LEVEL>:<date> <time> <pid>:<tid> <file>.cpp:<line>] ".
 KINETO_LINE = re.compile(r"^(VERBOSE|INFO|WARNING|STAGE|ERROR|USDT):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ "
                          r"\S+\.cpp:\d+\] ")
-CUDA_HOME_NOTICE = "No CUDA runtime is found"
-
-
-def _not_cuda_home_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(CUDA_HOME_NOTICE)
-
-
-def drop_cuda_home_notice() -> None:
-    """Drop torch.utils.cpp_extension's "No CUDA runtime is found" record; its other records still show."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    if _not_cuda_home_notice not in logger.filters:
-        logger.addFilter(_not_cuda_home_notice)
 
 
 @contextmanager

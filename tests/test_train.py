@@ -419,3 +419,18 @@ def test_learning_rate_schedules() -> None:
     assert multipliers("--lr-schedule", "step", "--milestones", "1", "3") == pytest.approx(
         [1, 1, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01])
     assert multipliers("--lr-schedule", "step") == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_torch_cuda_home_notice_is_dropped_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    """python -m pilot.train drops torch's "No CUDA runtime is found" record (on every GPU-less machine with a
+    CUDA toolkit) at its logger; the logger's other records still show."""
+    import logging
+
+    from pilot.quiet import drop_cuda_home_notice
+
+    drop_cuda_home_notice()
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        logger.warning("something that matters")
+    assert [record.getMessage() for record in caplog.records] == ["something that matters"]

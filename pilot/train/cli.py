@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from pilot.models import build_model
+from pilot.quiet import drop_cuda_home_notice
 
 from . import distributed
 from .config import Config, parse_config
@@ -61,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``python -m pilot.train`` with ``argv`` (default: the command line); returns the exit code.
     Under torchrun (WORLD_SIZE > 1 in the environment) it is one rank of a distributed run."""
     started = time.perf_counter()
+    drop_cuda_home_notice()
     config, explicit = parse_config(argv)
     place = distributed.current()
     try:
