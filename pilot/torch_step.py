@@ -70,7 +70,7 @@ class FactorisedStep:
     A compiled call costs about 35 us on the host whatever its size, so tensors under ``BATCHED_NUMEL`` elements
     (ResNet-20's are all under 37k) are stepped by one call of ``factorised_steps_`` with static sizes: its graph
     holds every small tensor of the bucket and is compiled again only when that set changes (sizes, dtype,
-    momentum, grad scale), about 0.5 s of compile per tensor. Larger tensors, where the call's cost is small
+    momentum, grad scale), at 0.3 to 0.9 s of compile per tensor. Larger tensors, where the call's cost is small
     against the pass over memory, get one call each of ``factorised_step_`` with dynamic sizes, whose dozen or so
     graphs (by dtype, momentum on/off and inductor's size class of the reduction) serve every size.
 
@@ -84,18 +84,19 @@ class FactorisedStep:
 
     def __init__(self, compile: bool) -> None:
         self.compiled = compile
-        self.each: Callable[..., None] = (torch.compile(factorised_step_, dynamic=True, fullgraph=True) if compile
-                                          else factorised_step_)
-        self.batched: Callable[[list[tuple[Any, ...]]], None] = (
-            torch.compile(factorised_steps_, dynamic=False, fullgraph=True) if compile else factorised_steps_)
+        self.each: Optional[Callable[..., None]] = None
+        self.batched: Optional[Callable[[list[tuple[Any, ...]]], None]] = None
+        if compile:  # only then: torch.compile itself refuses some platforms, where the eager path must still run
+            self.each = torch.compile(factorised_step_, dynamic=True, fullgraph=True)
+            self.batched = torch.compile(factorised_steps_, dynamic=False, fullgraph=True)
 
     def run(self, calls: list[tuple[Any, ...]]) -> None:
         """Apply the step to each argument tuple (the gradient first)."""
-        small = [args for args in calls if args[0].numel() < self.BATCHED_NUMEL]
-        large = [args for args in calls if args[0].numel() >= self.BATCHED_NUMEL]
-        if not self.compiled:
+        if not self.compiled or self.each is None or self.batched is None:
             factorised_steps_(calls)
             return
+        small = [args for args in calls if args[0].numel() < self.BATCHED_NUMEL]
+        large = [args for args in calls if args[0].numel() >= self.BATCHED_NUMEL]
         done = 0
         try:
             with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT), \
@@ -123,8 +124,8 @@ def _is_compiler_failure(error: Exception) -> bool:
 
 class TorchStep:
     """One bucket's step on the torch path. Factorised tensors: :class:`FactorisedStep` (shared by the optimizer's
-    buckets). Plain tensors: torch's fused SGD kernel,
-    one call per (group, first momentum step). Not capturable: GradScaler's found_inf is read on the host."""
+    buckets). Plain tensors: torch's fused SGD kernel, one call per (group, first momentum step). Not capturable:
+    GradScaler's found_inf is read on the host."""
 
     bumps_versions = True
 

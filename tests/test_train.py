@@ -430,7 +430,12 @@ def test_torch_cuda_home_notice_is_dropped_and_nothing_else(caplog: pytest.LogCa
 
     drop_cuda_home_notice()
     logger = logging.getLogger("torch.utils.cpp_extension")
-    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
-        logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
-        logger.warning("something that matters")
+    # torch's "torch" logger does not propagate to the root, where caplog listens: listen at the logger itself
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+            logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+            logger.warning("something that matters")
+    finally:
+        logger.removeHandler(caplog.handler)
     assert [record.getMessage() for record in caplog.records] == ["something that matters"]
