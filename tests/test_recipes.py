@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pilot.train import parse_config
-from pilot.train.config import RECIPES, recipe_names
+from pilot.train.config import RECIPES
+from pilot.train.recipe_files import recipe_names
 
 CPU = ("--device", "cpu", "--no-bf16")  # the ImageNet recipe's CUDA-only bf16 autocast, off
 
