@@ -16,7 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from .atomic import atomic_write
 
@@ -138,13 +138,14 @@ def plot_layer_density(layers_by_level: Mapping[float, Sequence[Mapping[str, obj
                   [line.get_label() for line in axis.lines] else None)
     axis.set_yscale("log")
     axis.set_ylim(_COLLAPSED / 2, 1.5)
-    axis.yaxis.set_major_formatter(PercentFormatter(1.0))
+    # "%g" keeps the decades below 1% readable (PercentFormatter would round 0.1% and 0.01% to "0%").
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{100 * y:g}%"))
     axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     axis.set_ylabel("density of the layer after pruning")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     if title:
-        axis.set_title(title)
+        axis.set_title(title, fontsize=10)
     figure.tight_layout()
     _save(figure, path)
 

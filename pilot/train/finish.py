@@ -89,7 +89,7 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
     plot_one_shot({config.method: curve}, out / ONE_SHOT_PNG, dense_accuracy=final["test_accuracy"], title=title)
     plot_training_curves(progress.history, out / CURVES_PNG, title=title)
     plot_layer_density({level: result["layers"] for level, result in pruned_results.items()},
-                       out / LAYER_DENSITY_PNG, title=f"{title}: per-layer density after one-shot pruning")
+                       out / LAYER_DENSITY_PNG, title=f"{title}: density per layer after pruning")
     pruned = [{**row, **pruned_results[row["target_sparsity"]]} for row in curve
               if row["target_sparsity"] in pruned_results]
     for row in pruned:
