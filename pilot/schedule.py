@@ -26,9 +26,11 @@ from torch.optim import Optimizer
 
 from .factorisation import is_factorised
 from .checks import check_number
+from .pruning import prunable_parameters
 
-__all__ = ["PILoTSchedule", "SIGNALS", "effective_density", "factorised_weights", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha", "QuadraticAlpha",
-           "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups", "set_group_value"]
+__all__ = ["PILoTSchedule", "SIGNALS", "effective_density", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha",
+           "QuadraticAlpha", "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups",
+           "set_group_value"]
 
 
 def factorised_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
@@ -110,11 +112,6 @@ def effective_density(tensors: Iterable[Tensor]) -> float:
     return weighted / total if total else 0.0
 
 
-def factorised_weights(optimizer: Optimizer) -> list[Tensor]:
-    """The factorised parameters of ``optimizer`` (they hold x = m * w)."""
-    return [p for group in factorised_groups(optimizer) for p in group["params"] if is_factorised(optimizer, p)]
-
-
 class PILoTSchedule(AlphaScheduler):
     r"""The paper's dynamic alpha schedule (Algorithm 1), one :meth:`step` per epoch or per optimizer step.
 
@@ -180,7 +177,7 @@ class PILoTSchedule(AlphaScheduler):
         """The sparsity signal of the weights as they are now."""
         if self.signal == "l1":
             return float(self.optimizer.l1_norm())
-        return effective_density(factorised_weights(self.optimizer))
+        return effective_density(prunable_parameters(self.optimizer)[0])  # the factorised weights
 
     def step(self, train_accuracy: float) -> list[float]:
         """Apply the rule after one epoch (or optimizer step) with this training accuracy; returns the alphas."""
