@@ -34,16 +34,19 @@ dampening)`` rounds the product first), so a compiled kernel rounds plain parame
 and factorised ones as SGD does on the factors. Triton's interpreter evaluates ``tl.fma`` as a product and a sum,
 each rounded to fp32: there results may differ from torch's by an ulp per multiply-add.
 
-Every program handles ``BLOCK_SIZE`` consecutive elements of one tensor. Full blocks of tensors
-whose x and grad are 16-byte aligned take a path without masks and with alignment hints, so every
-stream is moved with 128-bit loads and stores; tail blocks and unaligned tensors take the masked
-path. A program of a factorised tensor writes the block's sum of |x| and count of x != 0 to its
-telemetry slot (deterministic: no atomics); the caller sums the slots. With a grad_scale the kernel also
-writes the unscaled gradient back (one more store per element, 44 bytes per fp32 factorised element).
+Every program handles ``BLOCK_SIZE`` consecutive elements of one tensor, in one of three code variants: full
+blocks of tensors whose x and grad are 16-byte aligned (``FLAG_ALIGNED``) move every stream in vector accesses
+without masks; full blocks of other tensors keep vector accesses on the fp32 factor and buffer streams (their
+segments are always aligned) and access x and grad one element at a time; a tensor's last, partial block is masked.
+Every variant issues all its loads (the old momentum buffers included) before its first store. A program of a
+factorised tensor writes the block's sum of |x| and count of x != 0 to its telemetry slot (deterministic: no
+atomics); the caller sums the slots. With a grad_scale the kernel divides by it correctly rounded, as torch does,
+and writes the unscaled gradient back (one more store per element, 44 bytes per fp32 factorised element).
 
 Whether a block's momentum buffers already hold a value lives on the device, in its
 ``momentum_started`` slot (int32, 0 = not yet), which the block's own program reads and sets (no
-race: one program per block). So a first step that GradScaler skips (``found_inf``) leaves the slot at
+race between programs: one program per block; within the program, a barrier orders every warp's read before the
+write). So a first step that GradScaler skips (``found_inf``) leaves the slot at
 0 and the next step still takes b = g, without the host ever reading ``found_inf``; and the tables
 stay the same from the first step on, which CUDA graph capture needs.
 """
@@ -55,12 +58,15 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_SIZE = 1024  # elements per program: 8 per thread with 4 warps, i.e. two 128-bit fp32 vectors
-NUM_WARPS = 4
+BLOCK_SIZE = 1024  # elements per program
+# 4 elements per thread: one 128-bit vector per fp32 stream. The 16-bit x and grad then take the same blocked
+# layout (64-bit vectors) as the fp32 streams, with no layout conversion through shared memory, and few enough
+# registers (about 64) for 4 programs per SM.
+NUM_WARPS = 8
 # Flat-storage segments start on 128-byte boundaries (fp32), for aligned vectors. The kernel asserts it on every
 # offset (tl.multiple_of): callers must lay segments out with padded().
 SEGMENT_ALIGN = 32
-ADDRESS_ALIGN = 16  # bytes: x and grad addresses needed for the vectorised path
+ADDRESS_ALIGN = 16  # bytes: x and grad addresses needed for their vector accesses
 _INT32_MAX = 2**31 - 1
 
 TENSOR_TABLE_DTYPE = torch.int64
@@ -106,7 +112,7 @@ FLAG_FACTORISED = 1  # x = m * w; else plain SGD (b_m is its momentum buffer, m/
 FLAG_MOMENTUM = 2  # momentum != 0: read/write the buffers (b = g where the block's momentum has not started)
 FLAG_NESTEROV = 4
 FLAG_MAXIMIZE = 8
-FLAG_ALIGNED = 16  # x and grad are ADDRESS_ALIGN-byte aligned: full blocks may use vector accesses
+FLAG_ALIGNED = 16  # x and grad are ADDRESS_ALIGN-byte aligned: full blocks may access them in vectors too
 
 # The row layouts as compile-time column indices (Triton kernels only read globals that are constexpr objects),
 # taken from the row types by field name.
@@ -134,126 +140,179 @@ _FLAG_MAXIMIZE = tl.constexpr(FLAG_MAXIMIZE)
 _FLAG_ALIGNED = tl.constexpr(FLAG_ALIGNED)
 _SEGMENT_ALIGN = tl.constexpr(SEGMENT_ALIGN)
 
+# The kernel's code variants for a block. The kernel picks one per block (VARIANT_PER_BLOCK); the VARIANT argument
+# compiles one of the others alone, for every block, which is how pilot_kernels.aot inspects each variant's code.
+VARIANT_PER_BLOCK = 0
+VARIANT_TAIL = 1  # a tensor's last, partial block: masked lanes, scalar accesses
+VARIANT_FULL_ALIGNED = 2  # a full block of a FLAG_ALIGNED tensor: every stream in vector accesses
+VARIANT_FULL_UNALIGNED = 3  # a full block whose x or grad is unaligned: vector factor and buffer streams, scalar x, g
+VARIANTS = {"per block": VARIANT_PER_BLOCK, "tail": VARIANT_TAIL, "full aligned": VARIANT_FULL_ALIGNED,
+            "full unaligned": VARIANT_FULL_UNALIGNED}
+_VARIANT_PER_BLOCK = tl.constexpr(VARIANT_PER_BLOCK)
+_VARIANT_TAIL = tl.constexpr(VARIANT_TAIL)
+_VARIANT_FULL_ALIGNED = tl.constexpr(VARIANT_FULL_ALIGNED)
+_VARIANT_FULL_UNALIGNED = tl.constexpr(VARIANT_FULL_UNALIGNED)
+
 TORCH_TO_TRITON_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def _load(ptr, offs, mask, MASKED: tl.constexpr):
+def _load(ptrs, active, MASKED: tl.constexpr):
     if MASKED:
-        return tl.load(ptr + offs, mask=mask, other=0.0)
+        return tl.load(ptrs, mask=active, other=0.0)
     else:
-        return tl.load(ptr + offs)
+        return tl.load(ptrs)
 
 
 @triton.jit
-def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
+def _store(ptrs, value, active, MASKED: tl.constexpr):
     if MASKED:
-        tl.store(ptr + offs, value, mask=mask)
+        tl.store(ptrs, value, mask=active)
     else:
-        tl.store(ptr + offs, value)
+        tl.store(ptrs, value)
 
 
 @triton.jit
-def _momentum_direction(d, buf_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov,
-                        MASKED: tl.constexpr):
-    """Update the momentum buffer at buf_ptr with direction d; return the step direction.
+def _momentum_direction(d, buf_old, momentum, one_minus_dampening, first, nesterov):
+    """The new momentum buffer from direction d and the buffer's old value, and the step direction.
 
-    Multiply-adds are explicit fmas in the order of torch.optim.SGD (see the module docstring)."""
-    if first:
-        buf = d
-    else:
-        buf = tl.fma(d, one_minus_dampening, momentum * _load(buf_ptr, offs, mask, MASKED))
-    _store(buf_ptr, offs, buf, mask, MASKED)
-    # One return statement: Triton inlines the helper, so the caller's alignment facts reach these accesses.
-    return tl.where(nesterov, tl.fma(buf, momentum, d), buf)
+    ``first``: the buffer holds no value yet (buf_old is a placeholder) and becomes d. Multiply-adds are explicit
+    fmas in the order of torch.optim.SGD (see the module docstring)."""
+    buf = tl.where(first, d, tl.fma(d, one_minus_dampening, momentum * buf_old))
+    return buf, tl.where(nesterov, tl.fma(buf, momentum, d), buf)
+
+
+@triton.jit
+def _step_gradient(g, grad_ptrs, active, grad_scale, flags, X_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                   MASKED: tl.constexpr):
+    """The gradient as the step uses it: unscaled (and written back) and negated to maximize."""
+    if HAS_GRAD_SCALE:
+        # Unscale on load and write the unscaled gradient back, as torch's fused optimizers do: code that reads
+        # .grad after GradScaler.step (norm logging, a second step) must see the true gradient. Correctly rounded
+        # (div.rn) as torch's g / scale is; Triton's `/` is an approximate division, exact for powers of 2 only.
+        g = tl.div_rn(g, grad_scale)
+        _store(grad_ptrs, g.to(X_DTYPE), active, MASKED)
+    if (flags & _FLAG_MAXIMIZE) != 0:
+        g = -g
+    return g
 
 
 @triton.jit
 def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start, numel,
-                flags, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    offs = start + tl.arange(0, BLOCK)  # int64: tensors may exceed 2**31 elements
-    mask = offs < numel
-    # The addresses are loaded here, not in the caller, so that the alignment hints of the unmasked
-    # variant sit on values of their own and never leak into the masked one.
+                flags, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                VARIANT: tl.constexpr):
+    """The step of elements [start, start + BLOCK) of the tensor in ``row``, compiled as one of the VARIANT_*s
+    (not VARIANT_PER_BLOCK). The fp32 factor and buffer streams are vectors in both full-block variants: their
+    segments are SEGMENT_ALIGN-aligned, whatever x and grad are.
+
+    Every load comes before the first store (memory-level parallelism: one DRAM round trip per block, not one per
+    store that a later load might alias): the scalars first, then the streams, the old momentum buffers included."""
+    MASKED: tl.constexpr = VARIANT == _VARIANT_TAIL
+    # Every stream is a base pointer advanced by ``start`` in int64 scalar arithmetic (tensors may exceed 2**31
+    # elements) plus int32 lane offsets: one 64-bit address per stream and thread, not one per element.
+    lanes = tl.arange(0, BLOCK)
+    active = lanes < (numel - start).to(tl.int32)  # only used by the MASKED variant, where numel - start < BLOCK
     x_ptr = tl.load(row + _COL_X).to(tl.pointer_type(X_DTYPE))
     grad_ptr = tl.load(row + _COL_GRAD).to(tl.pointer_type(X_DTYPE))
-    if not MASKED:
+    if VARIANT == _VARIANT_FULL_ALIGNED:
         x_ptr = tl.multiple_of(x_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
+    x_ptr += start
+    grad_ptr += start
+    # Every column of the row is read here, before the branches, so that the streams' loads wait for one round
+    # trip to the table, not two (m, w, b_w are unused by plain tensors).
+    m_ptr = factor_ptr + tl.multiple_of(tl.load(row + _COL_M), _SEGMENT_ALIGN) + start
+    w_ptr = factor_ptr + tl.multiple_of(tl.load(row + _COL_W), _SEGMENT_ALIGN) + start
+    buf_m_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_M), _SEGMENT_ALIGN) + start
+    buf_w_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_W), _SEGMENT_ALIGN) + start
 
     hyper = hyper_ptr + tl.load(row + _COL_HYPER) * _HYPER_COLUMNS
     lr = tl.load(hyper + _HYPER_LR)
+    alpha = tl.load(hyper + _HYPER_ALPHA)
+    weight_decay = tl.load(hyper + _HYPER_WEIGHT_DECAY)
     momentum = tl.load(hyper + _HYPER_MOMENTUM)
     one_minus_dampening = tl.load(hyper + _HYPER_ONE_MINUS_DAMPENING)
+    grad_scale = tl.load(grad_scale_ptr) if HAS_GRAD_SCALE else 1.0
     has_momentum = (flags & _FLAG_MOMENTUM) != 0
     nesterov = (flags & _FLAG_NESTEROV) != 0
     slot = tl.load(row + _COL_SLOT) + start // BLOCK
     first = has_momentum & (tl.load(started_ptr + slot) == 0)
+    # The old buffers are read under a mask, not a branch, so that their loads issue with the other streams'.
+    # Unread lanes load 0, which _momentum_direction discards on the first step (buf = d).
+    buffer_loaded = has_momentum & ~first
+    buffer_stored = has_momentum
+    if MASKED:
+        buffer_loaded &= active
+        buffer_stored &= active
 
-    g = _load(grad_ptr, offs, mask, MASKED).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        # Unscale on load and write the unscaled gradient back, as torch's fused optimizers do: code that reads
-        # .grad after GradScaler.step (norm logging, a second step) must see the true gradient.
-        g = g / tl.load(grad_scale_ptr)
-        _store(grad_ptr, offs, g.to(X_DTYPE), mask, MASKED)
-    if (flags & _FLAG_MAXIMIZE) != 0:
-        g = -g
+    g = _load(grad_ptr + lanes, active, MASKED).to(tl.float32)
     if (flags & _FLAG_FACTORISED) != 0:
-        alpha = tl.load(hyper + _HYPER_ALPHA)
-        m_ptr = factor_ptr + tl.multiple_of(tl.load(row + _COL_M), _SEGMENT_ALIGN)
-        w_ptr = factor_ptr + tl.multiple_of(tl.load(row + _COL_W), _SEGMENT_ALIGN)
-        m = _load(m_ptr, offs, mask, MASKED)
-        w = _load(w_ptr, offs, mask, MASKED)
+        m = _load(m_ptr + lanes, active, MASKED)
+        w = _load(w_ptr + lanes, active, MASKED)
+        buf_m = tl.load(buf_m_ptr + lanes, mask=buffer_loaded, other=0.0)
+        buf_w = tl.load(buf_w_ptr + lanes, mask=buffer_loaded, other=0.0)
+        g = _step_gradient(g, grad_ptr + lanes, active, grad_scale, flags, X_DTYPE, HAS_GRAD_SCALE, MASKED)
         d_m = tl.fma(m, alpha, g * w)
         d_w = tl.fma(w, alpha, g * m)
         if has_momentum:
-            buf_m_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_M), _SEGMENT_ALIGN)
-            buf_w_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_W), _SEGMENT_ALIGN)
-            d_m = _momentum_direction(d_m, buf_m_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov,
-                                      MASKED)
-            d_w = _momentum_direction(d_w, buf_w_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov,
-                                      MASKED)
+            buf_m, d_m = _momentum_direction(d_m, buf_m, momentum, one_minus_dampening, first, nesterov)
+            buf_w, d_w = _momentum_direction(d_w, buf_w, momentum, one_minus_dampening, first, nesterov)
+        tl.store(buf_m_ptr + lanes, buf_m, mask=buffer_stored)
+        tl.store(buf_w_ptr + lanes, buf_w, mask=buffer_stored)
         m = tl.fma(d_m, -lr, m)
         w = tl.fma(d_w, -lr, w)
-        _store(m_ptr, offs, m, mask, MASKED)
-        _store(w_ptr, offs, w, mask, MASKED)
+        _store(m_ptr + lanes, m, active, MASKED)
+        _store(w_ptr + lanes, w, active, MASKED)
         x = (m * w).to(X_DTYPE)
-        _store(x_ptr, offs, x, mask, MASKED)
+        _store(x_ptr + lanes, x, active, MASKED)
         # Telemetry of the value the model holds; masked-off lanes loaded zeros, so their x is 0.
         stored = x.to(tl.float32)
         tl.store(l1_ptr + slot, tl.sum(tl.abs(stored), axis=0))
         tl.store(nnz_ptr + slot, tl.sum((stored != 0).to(tl.int64), axis=0))
     else:
-        weight_decay = tl.load(hyper + _HYPER_WEIGHT_DECAY)
-        x_old = _load(x_ptr, offs, mask, MASKED).to(tl.float32)
+        x_old = _load(x_ptr + lanes, active, MASKED).to(tl.float32)
+        buf = tl.load(buf_m_ptr + lanes, mask=buffer_loaded, other=0.0)
+        g = _step_gradient(g, grad_ptr + lanes, active, grad_scale, flags, X_DTYPE, HAS_GRAD_SCALE, MASKED)
         d = tl.fma(x_old, weight_decay, g)
         if has_momentum:
-            buf_ptr = momentum_ptr + tl.multiple_of(tl.load(row + _COL_BUF_M), _SEGMENT_ALIGN)
-            d = _momentum_direction(d, buf_ptr, offs, mask, momentum, one_minus_dampening, first, nesterov, MASKED)
-        _store(x_ptr, offs, tl.fma(d, -lr, x_old).to(X_DTYPE), mask, MASKED)
-    if first:
-        tl.store(started_ptr + slot, 1)
+            buf, d = _momentum_direction(d, buf, momentum, one_minus_dampening, first, nesterov)
+        tl.store(buf_m_ptr + lanes, buf, mask=buffer_stored)
+        _store(x_ptr + lanes, tl.fma(d, -lr, x_old).to(X_DTYPE), active, MASKED)
+    if has_momentum:
+        # Every warp of the program read the block's momentum_started slot above; the barrier keeps a lagging warp
+        # from reading it after another has set it (it would then take the unwritten buffer for the old one). The
+        # branch is uniform: flags come from the tensor table, which the kernel never writes.
+        tl.debug_barrier()
+        if first:
+            tl.store(started_ptr + slot, 1)
 
 
 @triton.jit
 def pilot_sgd_kernel(tensor_table_ptr, hyper_ptr, block_table_ptr, factor_ptr, momentum_ptr, l1_ptr, nnz_ptr,
                      started_ptr, grad_scale_ptr, found_inf_ptr, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+                     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                     VARIANT: tl.constexpr = VARIANT_PER_BLOCK):
     skip = False
     if HAS_FOUND_INF:
         skip = tl.load(found_inf_ptr) != 0  # GradScaler saw inf/nan: the whole step is a no-op
     if not skip:
-        pid = tl.program_id(0)
-        row = tensor_table_ptr + tl.load(block_table_ptr + 2 * pid).to(tl.int64) * _TABLE_COLUMNS
-        start = tl.load(block_table_ptr + 2 * pid + 1).to(tl.int64) * BLOCK
+        pair = block_table_ptr + 2 * tl.program_id(0).to(tl.int64)  # int64: 2 * pid overflows int32 past 2**30
+        row = tensor_table_ptr + tl.load(pair).to(tl.int64) * _TABLE_COLUMNS
+        start = tl.load(pair + 1).to(tl.int64) * BLOCK
         numel = tl.load(row + _COL_NUMEL)
         flags = tl.load(row + _COL_FLAGS)
-        if (start + BLOCK <= numel) & ((flags & _FLAG_ALIGNED) != 0):
+        if VARIANT != _VARIANT_PER_BLOCK:
             _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start,
-                        numel, flags, X_DTYPE, BLOCK, HAS_GRAD_SCALE, MASKED=False)
+                        numel, flags, X_DTYPE, BLOCK, HAS_GRAD_SCALE, VARIANT)
+        elif start + BLOCK > numel:
+            _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start,
+                        numel, flags, X_DTYPE, BLOCK, HAS_GRAD_SCALE, _VARIANT_TAIL)
+        elif (flags & _FLAG_ALIGNED) != 0:
+            _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start,
+                        numel, flags, X_DTYPE, BLOCK, HAS_GRAD_SCALE, _VARIANT_FULL_ALIGNED)
         else:
             _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start,
-                        numel, flags, X_DTYPE, BLOCK, HAS_GRAD_SCALE, MASKED=True)
+                        numel, flags, X_DTYPE, BLOCK, HAS_GRAD_SCALE, _VARIANT_FULL_UNALIGNED)
 
 
 def build_block_table(numels: Sequence[int], device: torch.device, block: int = BLOCK_SIZE) -> torch.Tensor:
