@@ -17,6 +17,7 @@ import pilot
 from .contenders import BASELINE, CONTENDERS, PRODUCTS, REFERENCES, STEP_CONTENDERS, with_products
 from .suite import MEMORY_RATIO_KEY, ratio_key
 from .timing import Stats
+from .traffic import GPUS
 
 REPO = Path(__file__).resolve().parent.parent
 TIME_RATIO = ratio_key(BASELINE)
@@ -253,12 +254,21 @@ def format_tables(results: dict[str, Any]) -> str:
              "* a model, not a measurement: bytes / peak HBM bandwidth (A100 2.0 TB/s, H100 3.35 TB/s)"])
     if "kernel" in results:
         lines.append("4. Fused kernel compiled ahead of time (Triton -> PTX -> ptxas; no GPU needed)")
-        lines.append(f"{'arch':<8} {'x dtype':<9} {'regs':>4} {'spill B':>7}  global loads / stores (bits: count)")
+        lines.append(f"{'arch':<8} {'x dtype':<9} {'regs':>4} {'spill B':>7} {'CTAs/SM':>7} {'KB in flight/SM*':>14} "
+                     f"{'BW fraction*':>12}  global loads / stores (bits: count)")
         for r in results["kernel"]:
+            needed = r["model_bytes_needed_in_flight_per_sm"].median
             lines.append(f"{r['arch']:<8} {r['x_dtype']:<9} {r['registers'].median:>4.0f} "
-                         f"{r['spill_bytes'].median:>7.0f}  ld {r['global_loads_by_bits']}  "
+                         f"{r['spill_bytes'].median:>7.0f} {r['ctas_per_sm'].median:>7.0f} "
+                         f"{r['model_bytes_in_flight_per_sm'].median / 1e3:>6.1f} of {needed / 1e3:>4.1f} "
+                         f"{r['model_bandwidth_fraction'].median:>12.0%}  ld {r['global_loads_by_bits']}  "
                          f"st {r['global_stores_by_bits']}")
-        lines.append("")
+        gpus = ", ".join(f"{name} ({gpu.arch}: {gpu.sms} SMs, {gpu.bandwidth / 1e12:.2f} TB/s, "
+                         f"{gpu.latency * 1e9:.0f} ns)" for name, gpu in GPUS.items())
+        lines += ["* a model, not a measurement: the bytes the resident programs (CTAs/SM, from registers and warps) "
+                  "have loading at once, before their first store, against the bandwidth * DRAM latency per SM that "
+                  f"Little's law asks of the GPU ({gpus}); an upper bound: dependent table reads and store drain "
+                  "are not counted", ""]
 
     if results.get("targets"):
         lines.append("Targets (measured here; not tuned)")

@@ -3,7 +3,8 @@
 1. :func:`optimizer_step`: the optimizer step alone on random gradients.
 2. :func:`training_step`: forward, backward and step, with the peak memory of a step.
 3. :func:`traffic`: bytes moved and launches per optimizer step, counted.
-4. :func:`compiled_kernel`: registers, spills and access widths of the fused kernel for sm_80 / sm_90a.
+4. :func:`compiled_kernel`: registers, spills, occupancy and access widths of the fused kernel for sm_80 / sm_90a,
+   and the bandwidth its resident programs can sustain on an A100 / H100 (a model).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from .contenders import (BASELINE, CONTENDERS, REFERENCES, Hyper, ModelSpec, bui
                          build_template, model_spec, parameter_count, reference_step_with_products, with_products)
 from .memory import peak_step_memory
 from .timing import Stats, Timing, paired_ratios, time_interleaved
-from .traffic import (KernelTraffic, Traffic, fused_kernel_traffic, memory_bound_seconds, optimizer_step_traffic,
-                      reparametrisation_traffic)
+from .traffic import (GPUS, KernelTraffic, Traffic, fused_kernel_traffic, little_law_bandwidth, memory_bound_seconds,
+                      optimizer_step_traffic, reparametrisation_traffic)
 
 MIB = 2**20
 
@@ -181,16 +182,26 @@ def traffic(settings: Settings) -> list[dict[str, Any]]:
 
 
 def compiled_kernel(dtypes: Sequence[torch.dtype] = (torch.float32,)) -> list[dict[str, Any]]:
-    """pilot_kernels.aot's report for every architecture it targets (sm_80, sm_90a)."""
+    """pilot_kernels.aot's report for every architecture it targets (sm_80, sm_90a), and the model of the bandwidth
+    its resident programs can sustain on the GPU of that architecture (A100, H100)."""
     progress("[4/4] compiled kernel: sm_80, sm_90a")
+    gpus = {gpu.arch: (name, gpu) for name, gpu in GPUS.items()}
     reports = []
     for arch in aot.ARCHS:
         for dtype in dtypes:
             report = aot.report(arch, dtype)
+            gpu_name, gpu = gpus[report.arch]
+            in_flight = report.ctas_per_sm * report.load_bytes_in_flight_per_cta
+            needed, fraction = little_law_bandwidth(in_flight, gpu)
             reports.append({"arch": report.arch, "x_dtype": report.x_dtype,
                             "registers": Stats.exact(report.registers, "count"),
                             "spill_bytes": Stats.exact(report.spill_store_bytes + report.spill_load_bytes, "B"),
                             "global_loads_by_bits": {str(k): v for k, v in sorted(report.loads_by_bits.items())},
                             "global_stores_by_bits": {str(k): v for k, v in sorted(report.stores_by_bits.items())},
-                            "block_size": pilot_sgd.BLOCK_SIZE, "num_warps": pilot_sgd.NUM_WARPS})
+                            "block_size": pilot_sgd.BLOCK_SIZE, "num_warps": pilot_sgd.NUM_WARPS,
+                            "ctas_per_sm": Stats.exact(report.ctas_per_sm, "count"),
+                            "model_gpu": gpu_name,
+                            "model_bytes_in_flight_per_sm": Stats.exact(in_flight, "B"),
+                            "model_bytes_needed_in_flight_per_sm": Stats.exact(needed, "B"),
+                            "model_bandwidth_fraction": Stats.exact(fraction, "fraction of peak")})
     return reports

@@ -7,8 +7,9 @@
   subprocess: see :mod:`bench.interpreter_worker`) and counts the kernel's real loads and stores: the bytes of
   the lanes a mask leaves active, attributed to streams (g, x, m, w, b_m, b_w, b) by address, and the launches.
 
-From bytes, :func:`memory_bound_seconds` models the time of a purely bandwidth-bound step on an A100 and an H100.
-That is a model, not a measurement.
+From bytes, :func:`memory_bound_seconds` models the time of a purely bandwidth-bound step on an A100 and an H100;
+from the bytes the compiled kernel keeps in flight per SM, :func:`little_law_bandwidth` models the fraction of peak
+bandwidth it can sustain. Both are models, not measurements.
 """
 from __future__ import annotations
 
@@ -33,8 +34,23 @@ from .contenders import GRAD_SCALE, Contender
 
 aten = torch.ops.aten
 
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    """What the bandwidth models assume of a GPU (SXM parts): inputs of a model, not measurements."""
+
+    arch: str  # the ptxas architecture pilot_kernels.aot compiles for it
+    sms: int
+    bandwidth: float  # peak HBM bandwidth, bytes/s
+    # DRAM latency under streaming load, s: pointer-chasing microbenchmarks measure about 0.5 us idle on both;
+    # queueing at full bandwidth adds to it. Little's law wants bandwidth * latency bytes in flight.
+    latency: float
+
+
+GPUS = {"A100": GpuModel("sm_80", 108, 2.0e12, 600e-9), "H100": GpuModel("sm_90a", 132, 3.35e12, 650e-9)}
 # Peak HBM bandwidth (bytes/s) of the GPUs the issue names: the floor of a memory-bound kernel's time.
-PEAK_BANDWIDTH = {"A100": 2.0e12, "H100": 3.35e12}
+PEAK_BANDWIDTH = {name: gpu.bandwidth for name, gpu in GPUS.items()}
 
 # Ops that only allocate: no data moves.
 _ALLOCATIONS = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided}
@@ -170,6 +186,16 @@ def memory_bound_seconds(nbytes: int) -> dict[str, float]:
     return {gpu: nbytes / bandwidth for gpu, bandwidth in PEAK_BANDWIDTH.items()}
 
 
+def little_law_bandwidth(bytes_in_flight_per_sm: float, gpu: GpuModel) -> tuple[float, float]:
+    """Model: (bytes per SM that must be in flight to stream at ``gpu``'s peak bandwidth, by Little's law
+    bandwidth * latency / SMs; the fraction of peak that ``bytes_in_flight_per_sm`` sustains, at most 1).
+
+    An upper bound for a kernel whose programs issue their loads at once: the time a program spends on anything else
+    (its dependent table reads, its stores draining) is not counted. Not a measurement."""
+    needed = gpu.bandwidth * gpu.latency / gpu.sms
+    return needed, min(1.0, bytes_in_flight_per_sm / needed)
+
+
 # ---------------------------------------------------------------------------------------- the fused kernel
 
 
@@ -221,7 +247,9 @@ class InterpreterTraffic:
         self.aten = AtenTraffic()
 
     def _count(self, into: dict[str, int], ptrs: Any, mask: Any) -> None:
-        addresses = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64).ravel()
+        # The interpreter may hold a mask as int32 0/1 (a scalar flag & a lane mask is one): select by truth value.
+        active = np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)
+        addresses = ptrs.data[active].astype(np.uint64).ravel()
         element_bytes = ptrs.get_element_ty().primitive_bitwidth // 8
         index = np.searchsorted(self._starts, addresses, side="right").astype(np.int64) - 1
         inside = (index >= 0) & (addresses < self._ends[np.maximum(index, 0)])

@@ -27,7 +27,8 @@ from bench.quiet import KINETO_LINE, kineto_log_captured
 from bench.report import evaluate_targets
 from bench.suite import MEMORY_RATIO_KEY, ratio_key
 from bench.timing import Stats
-from bench.traffic import Traffic, count_aten, count_fused_step, optimizer_step_traffic, reparametrisation_traffic
+from bench.traffic import (GPUS, GpuModel, Traffic, count_aten, count_fused_step, little_law_bandwidth,
+                           optimizer_step_traffic, reparametrisation_traffic)
 from pilot import FusedPILoTSGD
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,6 +112,31 @@ def test_ptx_inspector_reports_registers_spills_and_access_widths(quick_run: Qui
     for r in reports:
         assert 0 < r["registers"]["median"] <= 255 and r["spill_bytes"]["median"] >= 0
         assert r["global_loads_by_bits"].get("128", 0) > 0 and r["global_stores_by_bits"].get("128", 0) > 0
+
+
+def test_kernel_section_models_bytes_in_flight_and_bandwidth(quick_run: QuickRun) -> None:
+    """From the compiled kernel: programs per SM (registers, warps) times the bytes each loads before its first store
+    (fp32: g, m, w, b_m, b_w, 20 B per element), against the GPU of the architecture; printed as a model."""
+    from pilot_kernels import pilot_sgd
+
+    for r in quick_run.results["kernel"]:
+        gpu = GPUS[r["model_gpu"]]
+        assert gpu.arch == r["arch"] and r["x_dtype"] == "float32"
+        ctas = r["ctas_per_sm"]["median"]
+        assert ctas >= 1
+        in_flight = r["model_bytes_in_flight_per_sm"]["median"]
+        assert in_flight == ctas * pilot_sgd.BLOCK_SIZE * 20
+        assert (r["model_bytes_needed_in_flight_per_sm"]["median"], r["model_bandwidth_fraction"]["median"]) == \
+            pytest.approx(little_law_bandwidth(in_flight, gpu))
+    section = quick_run.stdout.split("4. Fused kernel")[1]
+    assert "KB in flight/SM*" in section and "* a model, not a measurement" in section
+
+
+def test_little_law_bandwidth_model() -> None:
+    """Needed in flight: bandwidth * latency / SMs; the fraction of peak saturates at 1."""
+    gpu = GpuModel("sm_90a", sms=100, bandwidth=2e12, latency=500e-9)
+    assert little_law_bandwidth(5_000, gpu) == pytest.approx((10_000, 0.5))
+    assert little_law_bandwidth(40_000, gpu)[1] == 1.0
 
 
 def test_traffic_of_one_elementwise_op() -> None:
