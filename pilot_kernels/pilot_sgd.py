@@ -48,7 +48,9 @@ Whether a block's momentum buffers already hold a value lives on the device, in 
 race between programs: one program per block; within the program, a barrier orders every warp's read before the
 write). So a first step that GradScaler skips (``found_inf``) leaves the slot at
 0 and the next step still takes b = g, without the host ever reading ``found_inf``; and the tables
-stay the same from the first step on, which CUDA graph capture needs.
+stay the same from the first step on, which CUDA graph capture needs. The kernel reads the buffers of a
+FLAG_MOMENTUM row on every step, the first included (and discards what it read there), so their segments must
+exist from the first step on.
 """
 from __future__ import annotations
 
@@ -176,8 +178,8 @@ def _store(ptrs, value, active, MASKED: tl.constexpr):
 def _momentum_direction(d, buf_old, momentum, one_minus_dampening, first, nesterov):
     """The new momentum buffer from direction d and the buffer's old value, and the step direction.
 
-    ``first``: the buffer holds no value yet (buf_old is a placeholder) and becomes d. Multiply-adds are explicit
-    fmas in the order of torch.optim.SGD (see the module docstring)."""
+    ``first``: the buffer holds no value yet (buf_old is whatever its memory holds, unused) and becomes d.
+    Multiply-adds are explicit fmas in the order of torch.optim.SGD (see the module docstring)."""
     buf = tl.where(first, d, tl.fma(d, one_minus_dampening, momentum * buf_old))
     return buf, tl.where(nesterov, tl.fma(buf, momentum, d), buf)
 
@@ -237,28 +239,27 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
     nesterov = (flags & _FLAG_NESTEROV) != 0
     slot = tl.load(row + _COL_SLOT) + start // BLOCK
     first = has_momentum & (tl.load(started_ptr + slot) == 0)
-    # The old buffers are read under a mask, not a branch, so that their loads issue with the other streams'.
-    # Unread lanes load 0, which _momentum_direction discards on the first step (buf = d).
-    buffer_loaded = has_momentum & ~first
-    buffer_stored = has_momentum
+    # The old buffers are read under a mask, not a branch, and whether or not the block's momentum has started, so
+    # that their loads issue with the other streams' without waiting for momentum_started. On the first step the
+    # value read (whatever the segment holds) is discarded by _momentum_direction (buf = d).
+    buffer_lanes = has_momentum
     if MASKED:
-        buffer_loaded &= active
-        buffer_stored &= active
+        buffer_lanes &= active
 
     g = _load(grad_ptr + lanes, active, MASKED).to(tl.float32)
     if (flags & _FLAG_FACTORISED) != 0:
         m = _load(m_ptr + lanes, active, MASKED)
         w = _load(w_ptr + lanes, active, MASKED)
-        buf_m = tl.load(buf_m_ptr + lanes, mask=buffer_loaded, other=0.0)
-        buf_w = tl.load(buf_w_ptr + lanes, mask=buffer_loaded, other=0.0)
+        buf_m = tl.load(buf_m_ptr + lanes, mask=buffer_lanes, other=0.0)
+        buf_w = tl.load(buf_w_ptr + lanes, mask=buffer_lanes, other=0.0)
         g = _step_gradient(g, grad_ptr + lanes, active, grad_scale, flags, X_DTYPE, HAS_GRAD_SCALE, MASKED)
         d_m = tl.fma(m, alpha, g * w)
         d_w = tl.fma(w, alpha, g * m)
         if has_momentum:
             buf_m, d_m = _momentum_direction(d_m, buf_m, momentum, one_minus_dampening, first, nesterov)
             buf_w, d_w = _momentum_direction(d_w, buf_w, momentum, one_minus_dampening, first, nesterov)
-        tl.store(buf_m_ptr + lanes, buf_m, mask=buffer_stored)
-        tl.store(buf_w_ptr + lanes, buf_w, mask=buffer_stored)
+        tl.store(buf_m_ptr + lanes, buf_m, mask=buffer_lanes)
+        tl.store(buf_w_ptr + lanes, buf_w, mask=buffer_lanes)
         m = tl.fma(d_m, -lr, m)
         w = tl.fma(d_w, -lr, w)
         _store(m_ptr + lanes, m, active, MASKED)
@@ -271,12 +272,12 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
         tl.store(nnz_ptr + slot, tl.sum((stored != 0).to(tl.int64), axis=0))
     else:
         x_old = _load(x_ptr + lanes, active, MASKED).to(tl.float32)
-        buf = tl.load(buf_m_ptr + lanes, mask=buffer_loaded, other=0.0)
+        buf = tl.load(buf_m_ptr + lanes, mask=buffer_lanes, other=0.0)
         g = _step_gradient(g, grad_ptr + lanes, active, grad_scale, flags, X_DTYPE, HAS_GRAD_SCALE, MASKED)
         d = tl.fma(x_old, weight_decay, g)
         if has_momentum:
             buf, d = _momentum_direction(d, buf, momentum, one_minus_dampening, first, nesterov)
-        tl.store(buf_m_ptr + lanes, buf, mask=buffer_stored)
+        tl.store(buf_m_ptr + lanes, buf, mask=buffer_lanes)
         _store(x_ptr + lanes, tl.fma(d, -lr, x_old).to(X_DTYPE), active, MASKED)
     if has_momentum:
         # Every warp of the program read the block's momentum_started slot above; the barrier keeps a lagging warp
