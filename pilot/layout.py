@@ -53,7 +53,7 @@ class StepArgs(NamedTuple):
     """What one step() hands every bucket's backend."""
 
     groups: list[dict[str, Any]]  # the optimizer's param_groups
-    hypers: tuple[pilot_kernels.HyperRow, ...]  # per group (lr and alpha 0 with capturable=True: read on the device)
+    hypers: tuple[pilot_kernels.HyperRow, ...]  # per group; lr and alpha 0: backends read them from ``groups``
     flags: tuple[int, ...]  # per group: its FLAG_MOMENTUM / FLAG_NESTEROV / FLAG_MAXIMIZE bits
     grad_scale: Optional[Tensor]  # from torch.amp.GradScaler
     found_inf: Optional[Tensor]
