@@ -124,9 +124,10 @@ class TritonStep:
             self._update_hyper_table(args)
             tables = [self.tensor_table[1], self.hyper_table[1], self.block_table]
             if device.type == "cuda":
-                self._use_on_current_stream(bucket, tables)
-                if capture_underway():  # the graph reads these tables at every replay: keep them alive
+                if capture_underway():  # the graph reads these tables at every replay: never freed
                     self.captured_tables += tables
+                else:
+                    self._use_on_current_stream(bucket, tables)
             kernel.launch_pilot_sgd(
                 *tables, bucket.factors, bucket.buffers if bucket.buffers.numel() else bucket.factors,
                 bucket.l1_slots, bucket.nnz_slots, bucket.started, bucket.dtype,
