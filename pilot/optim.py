@@ -323,7 +323,8 @@ class FusedPILoTSGD(Optimizer):
         sharded (a DTensor, e.g. from torch.distributed.checkpoint) or whole; each rank keeps its shard. A dense
         optimizer's state dict (e.g. ``torch.optim.SGD``'s) is rejected: its momentum lives in x-space and has no
         counterpart for the factors; load the model's weights instead and create the optimizer after, which
-        factorises them. A state dict that is rejected leaves the optimizer as it was.
+        factorises them. A state dict that is rejected leaves the optimizer as it was. lr and alpha are loaded as
+        numbers, or as device tensors with capturable=True, whichever kind the state dict holds.
         """
         self._check_not_captured("load_state_dict")
         # Registered for this call only, so it runs after any hook of the user's.

@@ -105,7 +105,7 @@ class TritonStep:
         self.hyper_table: tuple[tuple[kernel.HyperRow, ...], Optional[Tensor]] = ((), None)
         self.scheduled_cells: list[Tensor] = []  # 0-d views of hyper_table's lr and alpha, per group and column
         self.scheduled_numbers: list[Optional[float]] = []  # the number each cell holds (None: not known)
-        self.stream: Optional[torch.cuda.Stream] = None  # of the last launch
+        self.stream: Optional[torch.cuda.Stream] = None  # of the last launch outside graph capture
         self.captured_tables: list[Tensor] = []  # tables a CUDA graph may still read: never freed
 
     @staticmethod
