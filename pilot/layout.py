@@ -8,6 +8,7 @@ or this rank's shard of a DTensor.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
@@ -52,7 +53,7 @@ class StepArgs(NamedTuple):
     """What one step() hands every bucket's backend."""
 
     groups: list[dict[str, Any]]  # the optimizer's param_groups
-    hypers: tuple[pilot_kernels.HyperRow, ...]  # per group (lr and alpha 0 with capturable=True: read on the device)
+    hypers: tuple[pilot_kernels.HyperRow, ...]  # per group; lr and alpha 0: backends read them from ``groups``
     flags: tuple[int, ...]  # per group: its FLAG_MOMENTUM / FLAG_NESTEROV / FLAG_MAXIMIZE bits
     grad_scale: Optional[Tensor]  # from torch.amp.GradScaler
     found_inf: Optional[Tensor]
@@ -89,6 +90,9 @@ class Entry:
     # A plain parameter that is not dense in memory is stepped in this dense copy (the kernel and the torch path
     # walk x in memory order), copied in before and back after each step; None for every other parameter.
     stage: Optional[Tensor] = None
+    # Where a gradient laid out unlike x is copied at each step (see restride): a fixed address, so that the
+    # Triton path's tensor table stays valid; None until a gradient needs it.
+    grad_stage: Optional[Tensor] = None
     stride: tuple[int, ...] = ()  # of x as the step walks it (the parameter's or its stage's), and of its state
     x_ptr: int = 0  # address the step writes x to: the parameter's, or its stage's
     data_ptr: int = 0  # the parameter's address, to notice `.data` being replaced ...
@@ -371,11 +375,24 @@ def collect(bucket: Bucket) -> Work:
             raise TypeError(f"FusedPILoTSGD does not support sparse gradients (parameter of shape "
                             f"{tuple(e.param.shape)} has a {grad.layout} gradient)")
         if grad.stride() != e.stride:  # the step walks x and its gradient in the same memory order
-            grad = torch.empty_strided(e.shape, e.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+            grad = restride(e, grad)
         add_item((e, grad))
         add_pointer(e.x_ptr)
         add_pointer(grad.data_ptr())
     return work
+
+
+def restride(e: Entry, grad: Tensor) -> Tensor:
+    """``grad`` copied into the entry's grad stage, laid out as the step walks x (allocated at the first such
+    gradient, with a warning: the copy costs a pass over the gradient at every step)."""
+    if e.grad_stage is None:
+        warnings.warn(
+            f"FusedPILoTSGD: the gradient of a parameter of shape {e.shape} has strides {grad.stride()}, unlike "
+            f"the parameter's {e.stride}; it is copied into the parameter's memory layout at every step. Give "
+            "gradients the parameter's strides to avoid the copy (e.g. a .grad set by hand: made with "
+            "torch.empty_like(param))", RuntimeWarning)
+        e.grad_stage = torch.empty_strided(e.shape, e.stride, dtype=grad.dtype, device=grad.device)
+    return e.grad_stage.copy_(grad)
 
 
 def step_bucket(bucket: Bucket, work: Work, args: StepArgs) -> None:

@@ -24,7 +24,8 @@ from .layout import (Layout, StepArgs, collect, lay_out, notice_outside_writes, 
 from .sharding import local
 from .state_dict import complete_state_dict, loaded_state, pass_state_uncast
 from .torch_step import FactorisedStep, TorchStep
-from .triton_step import CAPTURABLE_COLUMNS, TritonStep, group_flags, make_capturable
+from .triton_step import (SCHEDULED_COLUMNS, TritonStep, capture_underway, group_flags, make_capturable,
+                          make_numbers)
 
 __all__ = ["FusedPILoTSGD", "BACKENDS"]
 
@@ -69,8 +70,8 @@ class FusedPILoTSGD(Optimizer):
         backend: ``"auto"`` (the Triton kernel for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``;
             else the torch path compiled with ``torch.compile``), ``"triton"``, ``"compile"`` or ``"eager"``
             (the torch path without compiling).
-        capturable: the step reads ``lr`` and ``alpha`` from device tensors and never synchronises with the
-            host, so that it can be captured in a CUDA graph (see below). Needs the Triton path.
+        capturable: ``lr`` and ``alpha`` are device tensors, read by the step on the device, so that it can be
+            captured in a CUDA graph (see below). Needs the Triton path.
         foreach, fused: accepted so that code written for :class:`torch.optim.SGD` runs unchanged, and ignored:
             the step is always fused (``backend`` chooses how).
 
@@ -113,7 +114,18 @@ class FusedPILoTSGD(Optimizer):
     since a captured graph would never see it. Other hyper-parameters are host values baked into the tables.
     Warm up a few steps before capturing (the first steps build the tables) and keep the gradients at fixed
     addresses during capture (``zero_grad(set_to_none=False)``): a table that has to change while the stream
-    is capturing is a RuntimeError. Re-capture after anything that lays the state out again.
+    is capturing is a RuntimeError. Capturing a step with ``capturable=False`` is a RuntimeError, as with torch's
+    optimizers. Once a step was captured, anything that lays the state out again in new memory
+    (``load_state_dict``, ``add_param_group``, switching momentum on, a parameter replaced by one of another
+    memory layout) is a RuntimeError, since the graph would go on writing to the old memory: do it before
+    capturing.
+
+    Host synchronisation: the Triton path never makes the host wait for the device, with or without
+    ``capturable``. lr and alpha reach the device at every step without a copy from the host (as kernel
+    arguments, or from device tensors); the kernel's tables are uploaded, from pinned memory without blocking,
+    only when what they hold changes (gradient addresses, which parameters have gradients, momentum, dampening,
+    weight_decay). A gradient whose strides differ from its parameter's is copied into a buffer laid out like
+    the parameter (with a warning). The torch path reads GradScaler's found_inf on the host.
 
     Distributed: under DistributedDataParallel every rank applies the same step to the same averaged gradient,
     so the factors stay identical. FSDP2 (``fully_shard``) parameters are DTensors: the optimizer keeps factors
@@ -144,6 +156,7 @@ class FusedPILoTSGD(Optimizer):
         self._backend = backend
         self._capturable = capturable
         self._layout = Layout()
+        self._captured = False  # a CUDA graph captured a step: it holds the addresses of the state's memory
         self._factorised_step: Optional[FactorisedStep] = None
         super().__init__(params, defaults)
         # torch.amp.GradScaler hands grad_scale / found_inf to step() instead of unscaling the gradients.
@@ -158,7 +171,8 @@ class FusedPILoTSGD(Optimizer):
             param_group["params"] = list(params)
             if len({id(p) for p in param_group["params"]}) != len(param_group["params"]):
                 raise ValueError("a parameter appears twice in the group")
-        own_tensors = {key for key in CAPTURABLE_COLUMNS if isinstance(param_group.get(key), Tensor)}
+        self._check_not_captured("add_param_group")
+        own_tensors = {key for key in SCHEDULED_COLUMNS if isinstance(param_group.get(key), Tensor)}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -220,7 +234,17 @@ class FusedPILoTSGD(Optimizer):
         """Factorise again what was written outside the optimizer, and lay the state out again where a parameter
         changed memory layout or a group switched momentum on (its buffers need storage)."""
         if notice_outside_writes(self._layout, self.state, self.param_groups):
+            self._check_not_captured("a parameter replaced by one of another memory layout (or momentum switched on)")
             self._lay_out()
+
+    def _check_not_captured(self, cause: str) -> None:
+        """Raise if a CUDA graph captured a step: laying the state out again frees the memory it writes to."""
+        if self._captured:
+            raise RuntimeError(
+                f"FusedPILoTSGD: {cause} lays the optimizer's state out again in new memory, but a CUDA graph "
+                "captured a step of this optimizer and would go on writing to the old memory. Do this before "
+                "capturing, or continue with a new optimizer (new.load_state_dict(old.state_dict())) and capture "
+                "again")
 
     # ------------------------------------------------------------------ the step
 
@@ -232,6 +256,12 @@ class FusedPILoTSGD(Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss (run with gradients enabled).
         """
+        if capture_underway():  # as torch's optimizers check (Optimizer._cuda_graph_capture_health_check)
+            if not self._capturable:
+                raise RuntimeError(
+                    "Attempting CUDA graph capture of step() for an instance of FusedPILoTSGD but capturable is "
+                    "False: lr and alpha would be frozen into the graph. Create the optimizer with capturable=True")
+            self._captured = True
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -239,18 +269,19 @@ class FusedPILoTSGD(Optimizer):
         self._notice_outside_writes()
         groups = self.param_groups
         args = StepArgs(groups, tuple(self._hyper_row(group) for group in groups),
-                                tuple(group_flags(group) for group in groups), getattr(self, "grad_scale", None),
-                                getattr(self, "found_inf", None), self.state)
+                        tuple(group_flags(group) for group in groups), getattr(self, "grad_scale", None),
+                        getattr(self, "found_inf", None), self.state)
         for bucket in self._layout.buckets:
             work = collect(bucket)
             if work.items or work.empty:
                 step_bucket(bucket, work, args)
         return loss
 
-    def _hyper_row(self, group: dict[str, Any]) -> HyperRow:
-        """The group's row of the hyper table; with capturable=True, lr and alpha are filled in on the device."""
-        lr, alpha = (0.0, 0.0) if self._capturable else (float(group["lr"]), float(group["alpha"]))
-        return HyperRow(lr=lr, alpha=alpha, weight_decay=float(group["weight_decay"]),
+    @staticmethod
+    def _hyper_row(group: dict[str, Any]) -> HyperRow:
+        """The group's row of the hyper table but for lr and alpha, which change at every step under a schedule:
+        the backends read them from the group (the Triton path writes them into the table on the device)."""
+        return HyperRow(lr=0.0, alpha=0.0, weight_decay=float(group["weight_decay"]),
                         momentum=float(group["momentum"]), one_minus_dampening=1.0 - float(group["dampening"]))
 
     # ------------------------------------------------------------------ telemetry
@@ -292,8 +323,10 @@ class FusedPILoTSGD(Optimizer):
         sharded (a DTensor, e.g. from torch.distributed.checkpoint) or whole; each rank keeps its shard. A dense
         optimizer's state dict (e.g. ``torch.optim.SGD``'s) is rejected: its momentum lives in x-space and has no
         counterpart for the factors; load the model's weights instead and create the optimizer after, which
-        factorises them. A state dict that is rejected leaves the optimizer as it was.
+        factorises them. A state dict that is rejected leaves the optimizer as it was. lr and alpha are loaded as
+        numbers, or as device tensors with capturable=True, whichever kind the state dict holds.
         """
+        self._check_not_captured("load_state_dict")
         # Registered for this call only, so it runs after any hook of the user's.
         handle = self.register_load_state_dict_pre_hook(pass_state_uncast)
         try:
@@ -307,6 +340,7 @@ class FusedPILoTSGD(Optimizer):
             return
         self._backend = state.pop("backend")
         self._capturable = state.pop("capturable")
+        self._captured = False  # a new copy of the state: no graph holds its memory
         super().__setstate__(state)
         self._factorised_step = None
         self._layout = Layout()
@@ -328,6 +362,8 @@ class FusedPILoTSGD(Optimizer):
             check_group(new_group)
             if self._capturable:
                 make_capturable(new_group, keep=set())
+            else:  # e.g. a capturable optimizer's checkpoint
+                make_numbers(new_group)
             new_groups.append(new_group)
         self.param_groups = new_groups
         self.state.clear()

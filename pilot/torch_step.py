@@ -159,8 +159,8 @@ class TorchStep:
             if e.group not in group_scalars:
                 group, hyper = args.groups[e.group], args.hypers[e.group]
                 group_scalars[e.group] = (
-                    *(torch.tensor(v, dtype=torch.float32, device=device)
-                      for v in (hyper.lr, hyper.alpha, hyper.momentum, hyper.one_minus_dampening)),
+                    *(torch.tensor(float(v), dtype=torch.float32, device=device)
+                      for v in (group["lr"], group["alpha"], hyper.momentum, hyper.one_minus_dampening)),
                     torch.tensor(-1.0 if group["maximize"] else 1.0, device=device),
                     torch.tensor(bool(group["nesterov"]), device=device))
             lr, alpha, momentum, one_minus_dampening, sign, nesterov = group_scalars[e.group]

@@ -1,8 +1,16 @@
 """The Triton path of FusedPILoTSGD: one launch of ``pilot_kernels.pilot_sgd`` per bucket, and the kernel tables
-it builds on the host and keeps while they stay valid."""
+it builds on the host and keeps while they stay valid.
+
+A steady step (lr and alpha changing at every step, as LR schedules and PILoTSchedule change them) uploads no
+table and never makes the host wait for the device: lr and alpha are written into the hyper table on the device
+(see :meth:`TritonStep._write_scheduled`), and the other tables change only with what they hold. A table that
+does change (new gradient addresses, another set of parameters with gradients, other momentum / dampening /
+weight_decay) is copied from pinned memory without blocking the host (:func:`upload`).
+"""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor
@@ -13,8 +21,12 @@ from pilot_kernels import pilot_sgd as kernel
 from .layout import Bucket, Entry, StepArgs, Work
 from .sharding import local
 
-# group key -> hyper_table column, read from device tensors by the step when capturable=True
-CAPTURABLE_COLUMNS = {key: kernel.HyperRow._fields.index(key) for key in ("lr", "alpha")}
+# group key -> hyper_table column of the hyper-parameters that schedules change at every step: written into the
+# table on the device at every step, never uploaded (read from device tensors when capturable=True)
+SCHEDULED_COLUMNS = {key: kernel.HyperRow._fields.index(key) for key in ("lr", "alpha")}
+# Block tables kept, one per set of stepped tensors (parameters without a gradient are skipped): a model that
+# alternates between a few such sets builds each once; the least recently used one goes beyond that.
+BLOCK_TABLES_KEPT = 8
 
 
 def group_flags(group: dict[str, Any]) -> int:
@@ -31,7 +43,7 @@ def make_capturable(group: dict[str, Any], keep: set[str]) -> None:
     a loaded state dict) becomes a tensor of its own.
     """
     device = local(group["params"][0]).device if group["params"] else torch.device("cpu")
-    for key in CAPTURABLE_COLUMNS:
+    for key in SCHEDULED_COLUMNS:
         value = group[key]
         usable = (isinstance(value, Tensor) and value.dim() == 0 and value.dtype == torch.float32
                   and value.device == device)
@@ -39,25 +51,49 @@ def make_capturable(group: dict[str, Any], keep: set[str]) -> None:
             group[key] = torch.tensor(float(value), dtype=torch.float32, device=device)
 
 
-def stream_is_capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def make_numbers(group: dict[str, Any]) -> None:
+    """lr and alpha as numbers (e.g. from a capturable optimizer's checkpoint), as LR schedulers and the host
+    expect them without capturable=True; one read from the device here rather than at every step."""
+    for key in SCHEDULED_COLUMNS:
+        if isinstance(group[key], Tensor):
+            group[key] = group[key].item()
 
 
-def upload(device: torch.device, build: Callable[[], Tensor]) -> Tensor:
-    """A host-built kernel table, copied to the device (which CUDA graph capture forbids)."""
-    if stream_is_capturing(device):
+def capture_underway() -> bool:
+    """Whether the current CUDA stream (of the current device) is capturing a CUDA graph."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def on_device(device: torch.device) -> ContextManager[Any]:
+    """Make ``device`` the current CUDA device: Triton launches on the current device and its current stream,
+    whatever device the tensors are on. Nothing to do for other devices."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def upload(table: str, device: torch.device, build: Callable[[], Tensor]) -> Tensor:
+    """The kernel table ``build()`` returns on the host, on ``device`` (the current CUDA device); ``table`` names
+    it in errors.
+
+    Copied from pinned memory with non_blocking=True, so that the host does not wait for the device's queued
+    work. The staging memory is safe to drop at once: torch's pinned-memory allocator records an event on the
+    copy's stream and hands the block out again only after that event has completed.
+    """
+    if device.type != "cuda":
+        return build()
+    if capture_underway():
         raise RuntimeError(
-            "FusedPILoTSGD: a kernel table (gradient addresses, hyper-parameters other than lr and alpha, or "
-            "which parameters have gradients) changed while a CUDA graph was being captured. Run a few steps "
+            f"FusedPILoTSGD: the kernel's {table} (gradient addresses, hyper-parameters other than lr and alpha, "
+            "or which parameters have gradients) changed while a CUDA graph was being captured. Run a few steps "
             "before capturing, keep the gradients at fixed addresses (zero_grad(set_to_none=False)) and "
             "change only lr and alpha (in place) between replays")
-    return build().to(device)
+    return build().pin_memory().to(device, non_blocking=True)
 
 
 class TritonStep:
-    """One bucket's step on the Triton kernel. Caches the tensor table (keyed on the addresses of x and of the
-    gradients and on the groups' flags: the rest of a row is fixed by the layout, and a new layout makes new
-    buckets), the block table of each set of stepped entries, and the hyper table."""
+    """One bucket's step on the Triton kernel, and its tables: the tensor table, keyed on the addresses of x and
+    of the gradients and on the groups' flags (the rest of a row is fixed by the layout, and a new layout makes
+    new buckets); a block table per set of stepped tensors (by their sizes, at most ``BLOCK_TABLES_KEPT``); the
+    hyper table, keyed on its host part (lr and alpha are written on the device)."""
 
     bumps_versions = False  # the kernel writes through raw pointers (in Triton's interpreter too)
 
@@ -65,8 +101,11 @@ class TritonStep:
         self.device, self.capturable = device, capturable
         self.tensor_table: tuple[tuple[int, ...], Optional[Tensor]] = ((), None)
         self.block_table: Optional[Tensor] = None  # of the entries in tensor_table
-        self.block_tables: dict[tuple[int, ...], Tensor] = {}
+        self.block_tables: dict[tuple[int, ...], Tensor] = {}  # least recently used first
         self.hyper_table: tuple[tuple[kernel.HyperRow, ...], Optional[Tensor]] = ((), None)
+        self.scheduled_cells: list[Tensor] = []  # 0-d views of hyper_table's lr and alpha, per group and column
+        self.scheduled_numbers: list[Optional[float]] = []  # the number each cell holds (None: not known)
+        self.stream: Optional[torch.cuda.Stream] = None  # of the last launch outside graph capture
         self.captured_tables: list[Tensor] = []  # tables a CUDA graph may still read: never freed
 
     @staticmethod
@@ -78,17 +117,21 @@ class TritonStep:
         """Launch the kernel over ``work.items``. Always True: a step that GradScaler's found_inf skips is skipped
         on the device."""
         device = self.device
-        key = (*args.flags, *work.pointers)
-        if self.tensor_table[0] != key:
-            self._build_tensor_table(key, work.items, args.flags)
-        self._update_hyper_table(args)
-        if stream_is_capturing(device):  # the graph reads these tables at every replay: keep them alive
-            self.captured_tables += [self.tensor_table[1], self.hyper_table[1], self.block_table]
-        kernel.launch_pilot_sgd(
-            self.tensor_table[1], self.hyper_table[1], self.block_table, bucket.factors,
-            bucket.buffers if bucket.buffers.numel() else bucket.factors, bucket.l1_slots, bucket.nnz_slots,
-            bucket.started, bucket.dtype, grad_scale=_on(args.grad_scale, device),
-            found_inf=_on(args.found_inf, device))
+        with on_device(device):
+            key = (*args.flags, *work.pointers)
+            if self.tensor_table[0] != key:
+                self._build_tensor_table(key, work.items, args.flags)
+            self._update_hyper_table(args)
+            tables = [self.tensor_table[1], self.hyper_table[1], self.block_table]
+            if device.type == "cuda":
+                if capture_underway():  # the graph reads these tables at every replay: never freed
+                    self.captured_tables += tables
+                else:
+                    self._use_on_current_stream(bucket, tables)
+            kernel.launch_pilot_sgd(
+                *tables, bucket.factors, bucket.buffers if bucket.buffers.numel() else bucket.factors,
+                bucket.l1_slots, bucket.nnz_slots, bucket.started, bucket.dtype,
+                grad_scale=_on(args.grad_scale, device), found_inf=_on(args.found_inf, device))
         return True
 
     def _build_tensor_table(self, key: tuple[int, ...], work: list[tuple[Entry, Tensor]],
@@ -101,36 +144,81 @@ class TritonStep:
             rows.append(kernel.TensorRow(x=e.x_ptr, grad=grad.data_ptr(), numel=e.numel, m=e.m_offset,
                                          w=e.w_offset, buf_m=e.buffer_offset, buf_w=e.buffer_w_offset,
                                          flags=row_flags, hyper=e.group, slot=e.slot))
-        self.tensor_table = (key, upload(self.device, lambda: torch.tensor(rows, dtype=kernel.TENSOR_TABLE_DTYPE)))
-        active = tuple(id(e) for e, _ in work)
-        if active not in self.block_tables:
-            self.block_tables[active] = upload(
-                self.device, lambda: kernel.build_block_table([e.numel for e, _ in work], torch.device("cpu")))
-        self.block_table = self.block_tables[active]
+        self.tensor_table = (
+            key, upload("tensor table", self.device, lambda: torch.tensor(rows, dtype=kernel.TENSOR_TABLE_DTYPE)))
+        self.block_table = self._block_table(tuple(e.numel for e, _ in work))
+
+    def _block_table(self, numels: tuple[int, ...]) -> Tensor:
+        """The block table of tensors of these sizes: kept from before, or built (dropping the least recently
+        used beyond BLOCK_TABLES_KEPT)."""
+        table = self.block_tables.pop(numels, None)
+        if table is None:
+            table = upload("block table", self.device,
+                           lambda: kernel.build_block_table(numels, torch.device("cpu")))
+            if len(self.block_tables) >= BLOCK_TABLES_KEPT:
+                del self.block_tables[next(iter(self.block_tables))]
+        self.block_tables[numels] = table  # now the most recently used
+        return table
 
     def _update_hyper_table(self, args: StepArgs) -> None:
-        """Upload the host part of the hyper table when it changed; with capturable=True, copy lr and alpha into it
-        on the device (no host sync: the copy reads the group tensors, so a captured graph sees in-place edits)."""
+        """Upload the host part of the hyper table when it changed (with capturable=True into the same table, which
+        a captured graph keeps reading); then write lr and alpha into it."""
         if self.hyper_table[0] != args.hypers:
             table = self.hyper_table[1]
-            new = upload(self.device, lambda: torch.tensor(args.hypers, dtype=kernel.HYPER_TABLE_DTYPE))
+            new = upload("hyper table", self.device, lambda: torch.tensor(args.hypers, dtype=kernel.HYPER_TABLE_DTYPE))
             if self.capturable and table is not None and table.shape == new.shape:
-                table.copy_(new)  # in place: a captured graph keeps reading this table
+                table.copy_(new)
                 new = table
             self.hyper_table = (args.hypers, new)
-        if self.capturable:
-            table = self.hyper_table[1]
-            for key, column in CAPTURABLE_COLUMNS.items():
-                values = []
-                for index, group in enumerate(args.groups):
-                    value = group[key]
-                    if not isinstance(value, Tensor):
-                        raise TypeError(
-                            f"capturable=True: group {index}'s {key} was set to {type(value).__name__} {value!r}; "
-                            f"update the tensor in place instead (group[{key!r}].fill_(value), as torch's LR "
-                            "schedulers do), so that a captured CUDA graph sees the change")
-                    values.append(value.to(self.device, torch.float32, non_blocking=True).reshape(()))
-                table[:, column].copy_(torch.stack(values))
+            self.scheduled_cells = [new[row, column] for row in range(len(args.hypers))
+                                    for column in SCHEDULED_COLUMNS.values()]
+            self.scheduled_numbers = [None] * len(self.scheduled_cells)
+        self._write_scheduled(args.groups)
+
+    def _write_scheduled(self, groups: list[dict[str, Any]]) -> None:
+        """Write each group's lr and alpha into the hyper table on the device, without a host-to-device copy or a
+        sync: a tensor (always, with capturable=True) is copied by the device at every step, so that a captured
+        graph reads its in-place edits; a number, only when it changed, as a scalar kernel argument."""
+        copy_into, copy_from, write_into, write_numbers = [], [], [], []
+        cell = 0
+        for index, group in enumerate(groups):
+            for key in SCHEDULED_COLUMNS:
+                value = group[key]
+                if isinstance(value, Tensor):
+                    copy_into.append(self.scheduled_cells[cell])
+                    copy_from.append(value.to(self.device, torch.float32, non_blocking=True).reshape(()))
+                    self.scheduled_numbers[cell] = None
+                elif self.capturable:
+                    raise TypeError(
+                        f"capturable=True: group {index}'s {key} was set to {type(value).__name__} {value!r}; "
+                        f"update the tensor in place instead (group[{key!r}].fill_(value), as torch's LR "
+                        "schedulers do), so that a captured CUDA graph sees the change")
+                elif value != self.scheduled_numbers[cell]:
+                    write_into.append(self.scheduled_cells[cell])
+                    write_numbers.append(float(value))
+                    self.scheduled_numbers[cell] = float(value)
+                cell += 1
+        if copy_into:
+            torch._foreach_copy_(copy_into, copy_from)
+        if write_into:  # torch has no foreach fill taking a list of numbers: zero, then add them
+            torch._foreach_zero_(write_into)
+            torch._foreach_add_(write_into, write_numbers)
+
+    def _use_on_current_stream(self, bucket: Bucket, tables: list[Tensor]) -> None:
+        """Tell the caching allocator that the current stream uses the tables and the bucket's storages, when it is
+        not the stream of the last launch (e.g. after warming up on a side stream, as CUDA graph capture wants):
+        memory allocated on one stream and freed later (a rebuilt table, a new layout) is otherwise handed out
+        again on that stream while this one may still be reading it."""
+        stream = torch.cuda.current_stream(self.device)
+        if stream == self.stream:
+            return
+        storages = [*tables, bucket.factors, bucket.buffers, bucket.l1_slots, bucket.nnz_slots, bucket.started,
+                    *(e.stage for e in bucket.staged),
+                    *(e.grad_stage for e in bucket.entries if e.grad_stage is not None)]
+        for storage in storages:
+            if storage.numel():
+                storage.record_stream(stream)
+        self.stream = stream
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

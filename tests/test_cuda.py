@@ -16,12 +16,24 @@ from torch import nn
 
 from conftest import CUDA, REAL_KERNELS
 from parity import buckets, build_pair
-from pilot import FusedPILoTSGD
+from pilot import FusedPILoTSGD, triton_step
 from test_optim import train
 from test_parity import SmallCNN
 
 pytestmark = CUDA
 in_subprocess = pytest.mark.skipif(not REAL_KERNELS, reason="runs in the subprocess with compiled kernels")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+OPTIONS = dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def _exact_torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The references run torch's convolutions and matmuls: TF32 and cuDNN's nondeterministic algorithms (conv
+    backward may use atomics) would make them differ from pilot's results for reasons that are not pilot's."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
 
 @pytest.mark.skipif(REAL_KERNELS, reason="this is the launcher")
@@ -93,10 +105,9 @@ def test_one_group_across_cpu_and_cuda() -> None:
 
 
 @in_subprocess
-def test_cuda_graph_capture_and_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_graph_capture_and_replay() -> None:
     """capturable=True: forward, backward and step captured in one CUDA graph; replays equal eager steps, and
     lr / alpha edited in place between replays reach the captured step."""
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # conv backward may use atomics otherwise
     options = dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3, capturable=True)
     model = SmallCNN().cuda()
     eager_model = copy.deepcopy(model)
@@ -146,3 +157,121 @@ def test_model_moved_after_the_optimizer_is_a_clear_error() -> None:
     model.cuda()  # param.data = param.data.cuda(): the optimizer's state stays on the CPU
     with pytest.raises(ValueError, match="changed device, dtype or shape"):
         optimizer.step()
+
+
+def batch(seed: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(8, 3, 6, 6, generator=generator).to(device),
+            torch.randint(0, 7, (8,), generator=generator).to(device))
+
+
+@in_subprocess
+@pytest.mark.parametrize("capturable", [False, True])
+def test_steady_step_never_syncs(capturable: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lr (LambdaLR) and alpha change at every step, zero_grad(set_to_none=True) frees the gradients: after
+    warm-up a step makes no synchronising call and uploads no table but, where the allocator moved gradients,
+    the tensor table (pinned and non-blocking, which sync debug mode does not flag)."""
+    uploads: list[str] = []
+    upload = triton_step.upload
+    monkeypatch.setattr(triton_step, "upload", lambda table, *args: uploads.append(table) or upload(table, *args))
+    model = SmallCNN().cuda()
+    optimizer = FusedPILoTSGD(model.parameters(), capturable=capturable, **OPTIONS)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9 ** step)
+    for step in range(8):
+        optimizer.zero_grad(set_to_none=True)
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if capturable:
+            optimizer.param_groups[0]["alpha"].fill_(1e-2 * 1.1 ** step)
+        else:
+            optimizer.param_groups[0]["alpha"] = 1e-2 * 1.1 ** step
+        if step == 3:
+            uploads.clear()
+        torch.cuda.set_sync_debug_mode("error" if step >= 3 else "default")
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scheduler.step()
+    assert set(uploads) <= {"tensor table"}
+    for p in model.parameters():
+        p.grad = p.grad.clone()  # new addresses: the tensor table is uploaded, pinned and non-blocking
+    uploads.clear()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert uploads == ["tensor table"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@in_subprocess
+@two_gpus
+def test_a_bucket_on_a_device_that_is_not_the_current_one() -> None:
+    """Triton launches on the current device: the step makes each bucket's device current for its launch."""
+    pair = build_pair(SmallCNN().to("cuda:1"), [(None, OPTIONS)], backend="auto")
+    x, y = batch(0, "cuda:1")
+    with torch.cuda.device(0):
+        for _ in range(5):
+            pair.step(lambda model: nn.functional.cross_entropy(model(x), y))
+    torch.cuda.synchronize(1)
+    pair.assert_close(rtol=1e-5, atol=1e-6)
+
+
+def warm_up_on_a_side_stream(model: nn.Module, optimizer: FusedPILoTSGD, steps: int = 3) -> None:
+    """As torch.cuda.graph's documentation warms up before capturing."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=False)
+            x, y = batch(step)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@in_subprocess
+def test_tables_of_a_side_stream_are_recorded_on_the_stream_that_uses_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables built during a warm-up on a side stream, then used on the main stream, are recorded there, so that
+    the allocator does not hand their memory to the side stream while the main stream still reads it."""
+    model = SmallCNN().cuda()
+    optimizer = FusedPILoTSGD(model.parameters(), **OPTIONS)
+    warm_up_on_a_side_stream(model, optimizer)
+    recorded: list[tuple[int, torch.cuda.Stream]] = []
+    record_stream = torch.Tensor.record_stream
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda t, stream: recorded.append((t.data_ptr(), stream)) or record_stream(t, stream))
+    optimizer.step()
+    (_, bucket), = buckets(optimizer)
+    backend, main = bucket.backend, torch.cuda.current_stream()
+    for table in (backend.tensor_table[1], backend.hyper_table[1], backend.block_table, bucket.factors):
+        assert (table.data_ptr(), main) in recorded
+
+
+@in_subprocess
+def test_capturing_a_step_without_capturable_raises() -> None:
+    model = SmallCNN().cuda()
+    optimizer = FusedPILoTSGD(model.parameters(), **OPTIONS)
+    warm_up_on_a_side_stream(model, optimizer)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable is False"):
+        with torch.cuda.graph(graph):
+            optimizer.step()
+
+
+@in_subprocess
+def test_after_a_capture_load_state_dict_raises() -> None:
+    """The graph writes to the state's current memory: laying it out again would free that memory."""
+    model = SmallCNN().cuda()
+    optimizer = FusedPILoTSGD(model.parameters(), capturable=True, **OPTIONS)
+    warm_up_on_a_side_stream(model, optimizer)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    graph.replay()
+    with pytest.raises(RuntimeError, match="load_state_dict lays the optimizer's state out again"):
+        optimizer.load_state_dict(optimizer.state_dict())
+    graph.replay()
+    torch.cuda.synchronize()

@@ -151,19 +151,22 @@ def twins(model: nn.Module, backend: str) -> tuple[list[nn.Module], list[FusedPI
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_of_any_layout_are_read_as_values(backend: str) -> None:
-    """Transposed, strided and broadcast (stride 0) gradients are copied into the parameter's layout first."""
+    """Transposed, strided and broadcast (stride 0) gradients are copied into the parameter's layout first, into
+    one buffer per parameter (warned about once) whose fixed address keeps the kernel's tables valid."""
     models, optimizers = twins(mlp(), backend)
-    for _ in range(3):
-        grads = [torch.randn_like(p) for p in models[0].parameters()]
-        grads[3] = torch.full((3,), 0.5)
-        odd = [grads[0].t().contiguous().t(),  # transposed memory order
-               torch.stack([grads[1], grads[1]], dim=1)[:, 0],  # every other element of a buffer
-               grads[2].t().contiguous().t(),
-               torch.tensor([0.5]).expand(3)]  # one element, broadcast
-        for model, optimizer, batch in zip(models, optimizers, (grads, odd)):
-            for p, grad in zip(model.parameters(), batch):
-                p.grad = grad
-            optimizer.step()
+    with pytest.warns(RuntimeWarning, match="copied into the parameter's memory layout") as warned:
+        for _ in range(3):
+            grads = [torch.randn_like(p) for p in models[0].parameters()]
+            grads[3] = torch.full((3,), 0.5)
+            odd = [grads[0].t().contiguous().t(),  # transposed memory order
+                   torch.stack([grads[1], grads[1]], dim=1)[:, 0],  # every other element of a buffer
+                   grads[2].t().contiguous().t(),
+                   torch.tensor([0.5]).expand(3)]  # one element, broadcast
+            for model, optimizer, batch in zip(models, optimizers, (grads, odd)):
+                for p, grad in zip(model.parameters(), batch):
+                    p.grad = grad
+                optimizer.step()
+    assert len(warned) == len(odd)
     assert [g.stride() for g in odd] == [(1, 4), (2,), (1, 3), (0,)]
     assert_unchanged(models[1], optimizers[1], snapshot(models[0], optimizers[0]))
 
