@@ -101,6 +101,7 @@ def _run(config: Config, explicit: frozenset[str], place: Distributed, device: t
             log.info("data: %s from %s: %s", config.data, bundle.source, ", ".join(
                 f"{len(loader.dataset)} {split}" for split, loader in (("train", data.train), *data.eval.items()))
                 + (" (evaluation: rank 0's part)" if place.enabled else ""))
+
             def build() -> nn.Module:
                 model = build_model(config.model, bundle.num_classes, bundle.in_channels, bundle.image_size)
                 return prepare_model(config, model, device, distributed=place.enabled)

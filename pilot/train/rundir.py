@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from pilot.atomic import atomic_write
+from pilot.atomic import atomic_write, published_directory
 
 from .config import FINISH_KEYS, Config
 
@@ -124,7 +124,7 @@ def _occupied_message(out: Path) -> str:
     if not (out / CONFIG).is_file():
         return (f"--out {out} exists and is not empty (and holds no run); choose another --out, or pass "
                 "--overwrite to write this run's files there anyway")
-    checkpointed = (out / CHECKPOINT).is_file() or any(out.glob(SHARDED_CHECKPOINT_GLOB))
+    checkpointed = (out / CHECKPOINT).is_file() or published_directory(out / SHARDED_CHECKPOINT) is not None
     state = "finished" if (out / SUMMARY).is_file() else (
         "stopped after a checkpoint" if checkpointed else "stopped before its first checkpoint")
     return (f"--out {out} already holds a run ({state}); pass --resume to continue it, --overwrite to replace it, "
