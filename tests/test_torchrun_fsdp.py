@@ -3,7 +3,7 @@ Fashion-MNIST: the model sharded with FSDP2, checkpoints in torch.distributed.ch
 
 FSDP and DDP runs of the same global batch train on the same batches from the same initial weights, and every
 decision (Algorithm 1's alphas) and count (accuracies) comes out the same; the weights agree to float32 rounding,
-not bit for bit (measured: at most ~1e-8 apart after 2 epochs), because the same sums are computed in other buffers
+not bit for bit (measured: at most 7.5e-9 apart after 2 epochs), because the same sums are computed in other buffers
 and kernels. Resuming a stopped --fsdp run with the same number of processes is bit-exact; DCP reshards the
 checkpoint for another number.
 
@@ -30,8 +30,8 @@ from pilot.train import main, parse_config
 from pilot.train.config import check_fsdp
 from pilot.train.fsdp import TRAINER_STATE, LockstepBatches
 from pilot.train.rundir import SHARDED_CHECKPOINT, open_run_dir
-from test_torchrun import PROBE, STEP_ARGS, WEIGHT_TOLERANCE, WORLD, data_root, succeeded, torchrun  # noqa: F401
-from test_train import assert_states_equal, final_state, records
+from test_torchrun import PROBE, STEP_ARGS, WEIGHT_TOLERANCE, WORLD, succeeded, torchrun
+from test_train import assert_states_equal, final_state, records, write_fashion_mnist
 
 # A validation split of 45 examples: shards of 23 and 22, which in per-rank batches of 22 are 2 batches and 1, so
 # the lockstep padding of evaluation is exercised (0.140625 * 320 = 45).
@@ -49,6 +49,11 @@ def sharded_final_state(out: Path) -> dict:
 
 def without_times(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key not in ("seconds", "eval_seconds")} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion"))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +111,7 @@ def test_resume_under_fsdp_equals_an_uninterrupted_fsdp_run(runs: dict[str, Path
 
 def test_dcp_reshards_the_checkpoint_for_another_number_of_processes(runs: dict[str, Path]) -> None:
     """A 2-process --fsdp run resumed by 4 (LeNet-300-100 has no BatchNorm: the same global batches are the same
-    training): it ends where the uninterrupted 2-process run does, to float32 rounding."""
+    training): it ends where the uninterrupted 2-process run does, to float32 rounding (measured: 3e-8)."""
     whole, resumed = sharded_final_state(runs["fsdp"]), sharded_final_state(runs["resumed-by-4"])
     assert resumed["world_size"] == 4
     assert sorted(path.name for path in (runs["resumed-by-4"] / SHARDED_CHECKPOINT).glob("*.distcp")) == [

@@ -12,7 +12,8 @@ What changes against DDP (:mod:`pilot.train.distributed`), and why:
   (:class:`ShardedCheckpoint`), which DCP can load into another number of ranks;
 - the end of the run (one-shot pruning, which ranks all the weights at once, BN recalibration, the pruned models)
   works on the whole trained weights: :func:`gather_full_model` gathers them into an unsharded model on every rank,
-  which then finishes as under DDP. That needs the weights alone (not their optimizer state) to fit one device.
+  which then finishes as under DDP. That needs a few copies of the weights (the trained model, a pruned copy), but
+  not their optimizer state, to fit one device.
 """
 from __future__ import annotations
 
