@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from .pruning import SCOPES, apply_masks_, prunable_parameters, prune_
 from .schedule import set_group_value
+from .sharding import whole
 
 __all__ = ["IterativePruning", "PruningCycle", "REWIND_MODES"]
 
@@ -124,4 +125,4 @@ class IterativePruning:
     def _sparsity(optimizer: Optimizer) -> float:
         params, _ = prunable_parameters(optimizer)
         total = sum(p.numel() for p in params)
-        return sum(int((p.detach() == 0).sum()) for p in params) / total if total else 0.0
+        return sum(int(whole((p.detach() == 0).sum())) for p in params) / total if total else 0.0

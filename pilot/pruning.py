@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from .factorisation import FACTOR_KEYS, PLAIN_KEYS, is_factorised, is_prunable
 from .optim import FusedPILoTSGD
+from .sharding import whole
 
 __all__ = ["prune_", "apply_masks_", "prunable_parameters", "named_prunable_weights", "pruning_masks", "keep_mask",
            "sparsity_report", "SparsityReport", "LayerSparsity", "export_masks", "export_sparse", "to_torch_prune",
@@ -310,7 +311,7 @@ class SparsityReport:
 def sparsity_report(model: nn.Module, select: Optional[Select] = None) -> SparsityReport:
     """Zeros / total / sparsity of each selected weight (default: ``ndim >= 2``, the prunable conv and linear
     weights) and globally. ``select(name, tensor)`` picks others, e.g. ``lambda n, t: True`` for everything."""
-    return SparsityReport(tuple(LayerSparsity(name, int((t == 0).sum()), t.numel())
+    return SparsityReport(tuple(LayerSparsity(name, int(whole((t == 0).sum())), t.numel())
                                 for name, t in named_prunable_weights(model, select)))
 
 

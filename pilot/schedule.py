@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from .factorisation import is_factorised
 from .checks import check_number
 from .pruning import prunable_parameters
+from .sharding import whole
 
 __all__ = ["PILoTSchedule", "SIGNALS", "effective_density", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha",
            "QuadraticAlpha", "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups",
@@ -105,9 +106,9 @@ def effective_density(tensors: Iterable[Tensor]) -> float:
         if n == 0:
             continue
         x = x.detach().float()
-        l2 = float(x.square().sum())
+        l2 = float(whole(x.square().sum()))
         if l2 > 0:
-            weighted += (math.pi / 2) * float(x.abs().sum()) ** 2 / l2
+            weighted += (math.pi / 2) * float(whole(x.abs().sum())) ** 2 / l2
         total += n
     return weighted / total if total else 0.0
 

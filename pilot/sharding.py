@@ -17,6 +17,14 @@ def is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def whole(t: Tensor) -> Tensor:
+    """t as a whole tensor: a DTensor's ``full_tensor()`` (a collective: every rank must call it), else t itself.
+
+    For reductions of DTensor parameters, such as ``(p == 0).sum()``: their result is a Partial DTensor, and
+    ``int()`` or ``float()`` of it read this rank's partial value, silently, not the sum over the shards."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
 def local(t: Tensor) -> Tensor:
     """The tensor the step works on: this rank's shard of a DTensor (FSDP2), else t itself.
 

@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pilot import FusedPILoTSGD
+from pilot.pruning import sparsity_report
+from pilot.schedule import effective_density
 
 WORLD = 2
 OPTIONS = dict(lr=0.05, momentum=0.9, dampening=0.1, alpha=1e-2, weight_decay=1e-3)
@@ -59,6 +61,20 @@ def record(model: nn.Module, optimizer: FusedPILoTSGD) -> dict:
             "state": [{k: None if v is None else whole(v) for k, v in optimizer.state[p].items()}
                       for p in model.parameters()],
             "l1": optimizer.l1_norm(), "density": optimizer.density()}
+
+
+def half_zero(model: nn.Module) -> nn.Module:
+    """model with its negative entries set to 0 (on each rank's shard of DTensor parameters)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            (p.to_local() if hasattr(p, "to_local") else p).clamp_(min=0)
+    return model
+
+
+def sparsity_signals(model: nn.Module) -> dict:
+    """What the training CLI reads from the weights: the zeros per layer, the effective density."""
+    return {"zeros": [layer.zeros for layer in sparsity_report(model).layers],
+            "effective_density": effective_density(p for p in model.parameters() if p.ndim >= 2)}
 
 
 # ---------------------------------------------------------------- the workers
@@ -137,6 +153,7 @@ def _fsdp(rank: int, checkpoint: Path) -> dict:
     from_whole.load_state_dict(whole.state_dict())
     to_whole.load_state_dict(optimizer.state_dict())
     return {"fsdp": trained, "local_numels": local_numels, "saved_types": saved_types,
+            "sparsity_signals": sparsity_signals(half_zero(sharded(0)[0])),
             "param_types": sorted({type(p).__name__ for p in model.parameters()}),
             "continued": continued, "resumed": record(resumed_model, resumed),
             "from_whole": record(from_whole_model, from_whole), "whole": record(whole_model, whole),
@@ -199,6 +216,15 @@ def test_fsdp2_equals_one_process_on_the_whole_batch(ranks: list[dict], single: 
     """Gathered factors, buffers and weights match; l1_norm and density are summed over the shards."""
     assert_same_run(ranks[0]["fsdp"], ranks[1]["fsdp"], exact=True)  # gathered: the same on both ranks
     assert_same_run(ranks[0]["fsdp"], single, exact=False)
+
+
+def test_zeros_and_effective_density_of_sharded_weights_count_every_shard(ranks: list[dict]) -> None:
+    """Reductions of DTensors are Partial: read as numbers they would give each rank's own part."""
+    whole = sparsity_signals(half_zero(make_model(0)))
+    assert sum(whole["zeros"]) > 0
+    for rank in ranks:
+        assert rank["sparsity_signals"]["zeros"] == whole["zeros"]
+        assert rank["sparsity_signals"]["effective_density"] == pytest.approx(whole["effective_density"], rel=1e-6)
 
 
 def test_dcp_checkpoint_of_sharded_factors_resumes_bit_for_bit(ranks: list[dict]) -> None:

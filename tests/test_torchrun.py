@@ -47,8 +47,8 @@ WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 
 def torchrun(out: Path, data_root: Path, *args: str, script: tuple[str, ...] = ("-m", "pilot.train"),
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", *script,
+             env: dict[str, str] | None = None, processes: int = WORLD) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *script,
                "--data-root", str(data_root), "--out", str(out), *ARGS, *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=JOB_TIMEOUT)

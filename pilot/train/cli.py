@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
+from torch import nn
 
 from pilot.models import build_model
 from pilot.quiet import drop_cuda_home_notice
 
 from . import distributed
-from .config import Config, parse_config
+from .config import Config, check_fsdp, parse_config
 from .distributed import Distributed
 from .finish import finish
+from .fsdp import gather_full_model, shard_model_
 from .loop import Trainer, augmentation_seed, load_data
 from .methods import prepare_model
 from .rundir import LOG, RunError, open_run_dir
@@ -81,7 +83,8 @@ def _run(config: Config, explicit: frozenset[str], place: Distributed, device: t
          argv: Optional[Sequence[str]], started: float) -> int:
     try:
         config = place.from_main(lambda: open_run_dir(config, explicit))
-    except RunError as error:
+        check_fsdp(config, place.world_size)  # again: --resume may have brought --fsdp from the saved run
+    except (RunError, ValueError) as error:
         if place.is_main:  # every rank stops with it; one copy of the message is enough
             print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
@@ -98,14 +101,24 @@ def _run(config: Config, explicit: frozenset[str], place: Distributed, device: t
             log.info("data: %s from %s: %s", config.data, bundle.source, ", ".join(
                 f"{len(loader.dataset)} {split}" for split, loader in (("train", data.train), *data.eval.items()))
                 + (" (evaluation: rank 0's part)" if place.enabled else ""))
+
+            def build() -> nn.Module:
+                model = build_model(config.model, bundle.num_classes, bundle.in_channels, bundle.image_size)
+                return prepare_model(config, model, device, distributed=place.enabled)
+
             torch.manual_seed(config.seed)  # the same initial weights on every rank
-            model = build_model(config.model, bundle.num_classes, bundle.in_channels, bundle.image_size)
-            model = prepare_model(config, model, device, distributed=place.enabled)
+            model = build()
+            if config.fsdp:
+                shard_model_(model, place.world_size, device)
+                log.info("fsdp: parameters, gradients and optimizer state sharded over the %d processes (FSDP2)",
+                         place.world_size)
             if place.enabled:
                 torch.manual_seed(augmentation_seed(config.seed, place.rank))
             trainer = Trainer(config, data, model, place)
             method = trainer.run()
-            finish(config, data, method.model, trainer.progress, started=started, place=place)
+            # Pruning ranks all the weights at once: under --fsdp every rank gathers them into an unsharded model.
+            trained = gather_full_model(method.model, build) if config.fsdp else method.model
+            finish(config, data, trained, trainer.progress, started=started, place=place)
         except RunError as error:
             log.error("error: %s", error)
             return EXIT_ERROR

@@ -59,7 +59,7 @@ IMPLIED_KEYS = {"signal": lambda saved: "l1" if saved.get("method") == "pilot" e
                 "accuracy_window": lambda saved: None, "bn_recalibration": lambda saved: 0,
                 "prune_criterion": lambda saved: "magnitude", "curve": lambda saved: True,
                 "label_smoothing": lambda saved: 0.0, "conv_init": lambda saved: "fan-out",
-                "sync_bn": lambda saved: False, "channels_last": lambda saved: False}
+                "sync_bn": lambda saved: False, "channels_last": lambda saved: False, "fsdp": lambda saved: False}
 CONV_INITS = ("fan-out", "fan-in")
 
 
@@ -110,6 +110,7 @@ class Config:
     seed: int
     device: str
     sync_bn: bool
+    fsdp: bool
     bf16: bool
     channels_last: bool
     backend: str
@@ -208,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s [--method M] [--model NAME] [--data NAME] [--data-root PATH] [options]",
         description="Train a sparse network with PILoT (or a baseline), prune it and evaluate it. "
                     "With no arguments: PILoT on Fashion-MNIST with LeNet-300-100, 10 epochs on the CPU in minutes.",
-        epilog="Outputs in --out: config.json, metrics.jsonl (one record per epoch), checkpoint.pt (every epoch), "
+        epilog="Outputs in --out: config.json, metrics.jsonl (one record per epoch), checkpoint.pt (every epoch; "
+               "with --fsdp the directory checkpoint.dcp), "
                "train.log, curves.png, one_shot.json / one_shot.png (accuracy after one-shot magnitude pruning at "
                "1 - 0.8^k and at --sparsity), layer_density.png (density of each layer at each --sparsity), "
                "pruned-<sparsity>.pt (state_dict with exact zeros + masks), summary.json. --resume of a finished run "
@@ -341,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
                      help="under torchrun (CUDA): BatchNorm statistics over the global batch (SyncBatchNorm), not "
                           "each process's part of it")
+    run.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                     help="under torchrun: shard the parameters, gradients and optimizer state over the processes "
+                          "with FSDP2 (fully_shard), for models whose training state does not fit one device, "
+                          "instead of replicating them with DDP; checkpoints are torch.distributed.checkpoint "
+                          "directories")
     run.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                      help="bf16 autocast for forward and backward (CUDA only)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
@@ -443,7 +450,7 @@ def resolve(args: argparse.Namespace) -> Config:
     workers = args.workers if args.workers is not None else (
         min(8, max(1, _cpu_count() // local_processes)) if device.type == "cuda" else 0)
     out = args.out or f"runs/{method}-{model}-{args.data}-seed{args.seed}"
-    return Config(
+    config = Config(
         method=method, data=args.data, data_root=args.data_root, model=model, limit=args.limit,
         augment=_default(args.augment, defaults["augment"]), val_fraction=args.val_fraction, epochs=epochs,
         batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, warmup_epochs=warmup_epochs,
@@ -462,10 +469,32 @@ def resolve(args: argparse.Namespace) -> Config:
         prune_criterion=args.prune_criterion,
         bn_recalibration=_default(args.bn_recalibration, defaults["bn_recalibration"]), cycles=args.cycles,
         **iterative, seed=args.seed,
-        device=str(device), sync_bn=args.sync_bn, bf16=args.bf16, channels_last=args.channels_last,
-        backend=args.backend, workers=workers, out=out, resume=args.resume,
+        device=str(device), sync_bn=args.sync_bn, fsdp=args.fsdp, bf16=args.bf16,
+        channels_last=args.channels_last, backend=args.backend, workers=workers, out=out, resume=args.resume,
         overwrite=args.overwrite, progress=args.progress,
     )
+    check_fsdp(config, place.world_size)
+    return config
+
+
+def check_fsdp(config: Config, world_size: int) -> None:
+    """Raise ValueError, naming the flag and the fix, if ``config`` asks for --fsdp with what it cannot run. Checked
+    when the command line is parsed, and again by --resume, where a saved --fsdp run meets this invocation's
+    number of processes and runtime flags."""
+    if not config.fsdp:
+        return
+    if world_size <= 1:
+        raise ValueError("--fsdp shards the model over the processes of a torchrun job: start it with torchrun "
+                         "--nproc-per-node N (N > 1), or drop --fsdp")
+    if config.channels_last:
+        raise ValueError("--fsdp cannot shard channels_last parameters (FSDP2 needs contiguous ones): pass "
+                         "--no-channels-last")
+    if config.method == "str":
+        raise ValueError("--fsdp cannot shard STR's threshold parameters (FSDP2 does not shard scalars): train "
+                         "--method str without --fsdp, with DDP")
+    if config.cycles:
+        raise ValueError("--fsdp does not run iterative pruning (--cycles prunes and rewinds whole weights between "
+                         "cycles): train with --cycles without --fsdp, with DDP")
 
 
 def _default(value: Any, default: Any) -> Any:
@@ -476,4 +505,5 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-__all__ = ["Config", "METHODS", "RECIPES", "build_parser", "parse_config", "recipe", "resolve", "default_device"]
+__all__ = ["Config", "METHODS", "RECIPES", "build_parser", "check_fsdp", "parse_config", "recipe", "resolve",
+           "default_device"]

@@ -53,10 +53,16 @@ class Distributed:
 
     def all_reduce_sum(self, values: list[float], device: torch.device) -> list[float]:
         """The element-wise sums of ``values`` over all ranks (float64: counts stay exact up to 2^53)."""
-        if not self.enabled:
-            return list(values)
+        return self._all_reduce(values, device, dist.ReduceOp.SUM) if self.enabled else list(values)
+
+    def all_reduce_max(self, values: list[float], device: torch.device) -> list[float]:
+        """The element-wise maxima of ``values`` over all ranks."""
+        return self._all_reduce(values, device, dist.ReduceOp.MAX) if self.enabled else list(values)
+
+    @staticmethod
+    def _all_reduce(values: list[float], device: torch.device, op: dist.ReduceOp) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
     def broadcast_object(self, obj: Any) -> Any:

@@ -6,8 +6,9 @@ augmentation, the train loader's shuffling generator), saved at the epoch bounda
 and resumed ends with bit-identical weights to one that never stopped.
 
 Under torchrun (:mod:`pilot.train.distributed`) each rank trains on its part of every global batch through
-DistributedDataParallel, the ranks' sums are reduced before anything is decided or recorded, rank 0 alone writes,
-and the checkpoint holds every rank's RNG state (restored when resuming with as many ranks).
+DistributedDataParallel (or, with --fsdp, its shard of the model: :mod:`pilot.train.fsdp`), the ranks' sums are
+reduced before anything is decided or recorded, rank 0 alone writes (under --fsdp every rank writes its shards of
+the checkpoint), and the checkpoint holds every rank's RNG state (restored when resuming with as many ranks).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -37,8 +38,10 @@ from pilot.schedule import effective_density
 
 from .config import Config
 from .distributed import SINGLE, Distributed
+from .fsdp import LockstepBatches, ShardedCheckpoint, lockstep_loaders
 from .methods import Method, make_method, make_optimizer
-from .rundir import CHECKPOINT, METRICS, RunError, append_jsonl, read_checkpoint, save_torch, write_jsonl
+from .rundir import (CHECKPOINT, METRICS, SHARDED_CHECKPOINT, RunError, append_jsonl, read_checkpoint, save_torch,
+                     write_jsonl)
 
 log = logging.getLogger("pilot.train")
 
@@ -59,7 +62,8 @@ class TrainingDiverged(RunError):
 class Data:
     bundle: DatasetBundle
     train: DataLoader
-    eval: dict[str, DataLoader]  # "val" (with --val-fraction) and "test", evaluated after every epoch
+    # "val" (with --val-fraction) and "test", evaluated after every epoch
+    eval: dict[str, Union[DataLoader, LockstepBatches]]
     # --bn-recalibration batches of training examples, augmented as in training, the same batches on every pass
     recalibration: Optional["SameBatches"] = None
 
@@ -92,8 +96,9 @@ class Progress:
 def load_data(config: Config, place: Distributed = SINGLE) -> Data:
     """The loaders of ``config.data``; with ``val_fraction`` a fixed part of the train split becomes ``val``;
     with ``bn_recalibration`` a fixed sample of the (remaining) training examples recalibrates BatchNorm.
-    In a distributed run the train and evaluation loaders are ``place``'s shards; every rank recalibrates on all
-    the recalibration batches (so every rank's BatchNorm statistics come out the same).
+    In a distributed run the train and evaluation loaders are ``place``'s shards (under --fsdp padded so that every
+    rank evaluates as many batches); every rank recalibrates on all the recalibration batches (so every rank's
+    BatchNorm statistics come out the same).
 
     The recalibration batches are augmented as in training: the running statistics the network was trained with
     describe augmented inputs (measured on ResNet-20 / CIFAR-10, un-augmented recalibration batches cost 1-1.5
@@ -139,6 +144,8 @@ def load_data(config: Config, place: Distributed = SINGLE) -> Data:
                                                world_size=place.world_size), **eval_loaders}
     except ValueError as error:
         raise RunError(f"--data {config.data}: {error}; use fewer processes or more examples") from error
+    if config.fsdp:
+        eval_loaders = lockstep_loaders(eval_loaders, place, torch.device(config.device))
     return Data(bundle, train_loader, eval_loaders, recalibration)
 
 
@@ -204,7 +211,8 @@ def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
                     memory_format: torch.memory_format = torch.preserve_format,
                     network: Optional[nn.Module] = None, place: Distributed = SINGLE) -> tuple[float, float]:
     """One pass over ``loader`` (one optimizer and LR-schedule step per batch); returns (mean loss, accuracy) over
-    all ranks. ``network`` is what runs forward and backward: ``method.model`` or its DistributedDataParallel."""
+    all ranks. ``network`` is what runs forward and backward: ``method.model`` (also when it is sharded with
+    --fsdp) or its DistributedDataParallel."""
     model, optimizer = method.model, method.optimizer
     network = network or model
     network.train()
@@ -219,8 +227,9 @@ def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
         with autocast(device, autocast_dtype):
             logits = network(inputs)
         if place.enabled:
-            # DDP averages the ranks' gradients; scaled by ranks / global batch, each rank's summed loss makes that
-            # average the gradient of the mean over the global batch, also when its final batch splits unevenly.
+            # DDP (and FSDP's reduce-scatter) average the ranks' gradients; scaled by ranks / global batch, each
+            # rank's summed loss makes that average the gradient of the mean over the global batch, also when its
+            # final batch splits unevenly.
             summed = nn.functional.cross_entropy(logits.float(), targets, reduction="sum",
                                                  label_smoothing=label_smoothing)
             loss = summed * (place.world_size / loader.batch_sampler.global_size(step - 1))
@@ -300,8 +309,14 @@ class Trainer:
                                           keep_rate=1.0 - config.prune_rate, scope=config.prune_scope)
         self.progress = Progress()
         self.cycle_end: Optional[dict[str, Any]] = None
-        # Rank 0 reads the checkpoint and sends it to the others: the run directory need not be on a shared disk.
-        self.checkpoint = place.from_main(lambda: read_checkpoint(self.out)) if config.resume else None
+        self.sharded_checkpoint = ShardedCheckpoint(self.out / SHARDED_CHECKPOINT, place) if config.fsdp else None
+        # The checkpoint to resume from (of a sharded one, the part that is not the model's and the optimizer's)
+        self.checkpoint: Optional[dict[str, Any]] = None
+        if config.resume and self.sharded_checkpoint is not None:
+            self.checkpoint = self.sharded_checkpoint.read_trainer_state()
+        elif config.resume:
+            # Rank 0 reads the checkpoint and sends it to the others: the run directory need not be on a shared disk.
+            self.checkpoint = place.from_main(lambda: read_checkpoint(self.out))
         if self.checkpoint is not None:
             if self.checkpoint.get("format") != CHECKPOINT_FORMAT:
                 raise RunError(f"checkpoint format {self.checkpoint.get('format')!r} is not {CHECKPOINT_FORMAT} "
@@ -334,15 +349,19 @@ class Trainer:
                 optimizer.load_state_dict(self.cycle_end["optimizer"])
             return
         if self.checkpoint is not None:
-            model.load_state_dict(self.checkpoint["model"])
-            method.load_state_dict(self.checkpoint["method"])  # after the model: FusedPILoTSGD sets x = m * w
+            if self.sharded_checkpoint is not None:
+                self.sharded_checkpoint.load(model, optimizer)
+                method.load_schedules_state_dict(self.checkpoint["method"])
+            else:
+                model.load_state_dict(self.checkpoint["model"])
+                method.load_state_dict(self.checkpoint["method"])  # after the model: FusedPILoTSGD sets x = m * w
             _set_rng_state(self.checkpoint["rng"], self.data.train, self.place, seed=config.seed,
                            epoch=cycle * config.epochs + self.progress.epoch)
             self.checkpoint = None
         else:
             self.progress.cycle, self.progress.epoch = cycle, 0
             self.progress.initial_l1 = method.l1_norm()
-        if self.place.enabled and self.network is None:
+        if self.place.enabled and not config.fsdp and self.network is None:
             # After the optimizer is built (FusedPILoTSGD rounds the weights to m0 * w0) and the checkpoint loaded:
             # DDP registers its gradient hooks on these parameter tensors, which pruning and rewinding only edit.
             self.network = DistributedDataParallel(
@@ -395,14 +414,21 @@ class Trainer:
 
     def save_checkpoint(self, method: Method) -> None:
         rng = _rng_state(self.data.train, self.place)  # every rank takes part in gathering the RNG states
-        if not self.place.is_main:
-            return
-        state = {"format": CHECKPOINT_FORMAT, "model": method.model.state_dict(), "method": method.state_dict(),
-                 "progress": dataclasses.asdict(self.progress), "rng": rng, "cycle_end": self.cycle_end,
+        if self.sharded_checkpoint is not None:  # every rank writes its shards of the model and the optimizer
+            trainer_state = self._trainer_state(rng, method.schedules_state_dict()) if self.place.is_main else None
+            self.sharded_checkpoint.save(method.model, method.optimizer, trainer_state)
+        elif self.place.is_main:
+            save_torch({**self._trainer_state(rng, method.state_dict()), "model": method.model.state_dict()},
+                       self.out / CHECKPOINT)
+
+    def _trainer_state(self, rng: Optional[dict[str, Any]], method_state: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint but for the model's state."""
+        state = {"format": CHECKPOINT_FORMAT, "method": method_state, "progress": dataclasses.asdict(self.progress),
+                 "rng": rng, "cycle_end": self.cycle_end,
                  "rewind_point": self.iterative.rewind_point if self.config.rewind == "wr" else None}
         if self.place.enabled:  # single-process checkpoints stay as they were (world size 1 is implied)
             state["world_size"] = self.place.world_size
-        save_torch(state, self.out / CHECKPOINT)
+        return state
 
 
 def check_world_size(config: Config, model: nn.Module, train_size: int, saved: int, current: int) -> None:

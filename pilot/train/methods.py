@@ -120,13 +120,22 @@ class Method:
             self.alpha_schedule.step(train_accuracy)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+        return {"optimizer": self.optimizer.state_dict(), **self.schedules_state_dict()}
+
+    def schedules_state_dict(self) -> dict[str, Any]:
+        """The state of the schedules and running sums: :meth:`state_dict` without the optimizer's (which an
+        --fsdp checkpoint holds sharded)."""
+        return {"lr_schedule": self.lr_schedule.state_dict(),
                 "alpha_schedule": None if self.alpha_schedule is None else self.alpha_schedule.state_dict(),
                 "regularisation_integral": self.regularisation_integral,
                 "running_accuracy": self.running_accuracy, "running_weight": self.running_weight}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.load_schedules_state_dict(state)
+
+    def load_schedules_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`schedules_state_dict` (the optimizer's state, with the alphas, is loaded apart)."""
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.alpha_schedule is not None:
             self.alpha_schedule.load_state_dict(state["alpha_schedule"])

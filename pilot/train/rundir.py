@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from pilot.atomic import atomic_write
+from pilot.atomic import atomic_write, published_directory
 
 from .config import FINISH_KEYS, Config
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
+# --fsdp: a torch.distributed.checkpoint directory (pilot.train.fsdp.ShardedCheckpoint), with its staging copy
+# (.tmp) and, after a crash, the one it replaces (.previous).
+SHARDED_CHECKPOINT = "checkpoint.dcp"
+SHARDED_CHECKPOINT_GLOB = f"{SHARDED_CHECKPOINT}*"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
 SUMMARY = "summary.json"
@@ -70,7 +75,7 @@ def load_config(directory: Path) -> Config:
 
 def _run_files(directory: Path) -> list[Path]:
     return [directory / name for name in RUN_FILES if (directory / name).exists()] + sorted(
-        directory.glob(PRUNED_GLOB))
+        directory.glob(PRUNED_GLOB)) + sorted(directory.glob(SHARDED_CHECKPOINT_GLOB))
 
 
 def open_run_dir(config: Config, explicit: Sequence[str] = ()) -> Config:
@@ -106,7 +111,10 @@ def open_run_dir(config: Config, explicit: Sequence[str] = ()) -> Config:
         if not config.overwrite:
             raise RunDirError(_occupied_message(out))
         for path in _run_files(out):
-            path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     save_json(config.to_json(), out / CONFIG)
     return config
@@ -116,18 +124,21 @@ def _occupied_message(out: Path) -> str:
     if not (out / CONFIG).is_file():
         return (f"--out {out} exists and is not empty (and holds no run); choose another --out, or pass "
                 "--overwrite to write this run's files there anyway")
-    checkpoint = out / CHECKPOINT
+    checkpointed = (out / CHECKPOINT).is_file() or published_directory(out / SHARDED_CHECKPOINT) is not None
     state = "finished" if (out / SUMMARY).is_file() else (
-        "stopped after a checkpoint" if checkpoint.is_file() else "stopped before its first checkpoint")
+        "stopped after a checkpoint" if checkpointed else "stopped before its first checkpoint")
     return (f"--out {out} already holds a run ({state}); pass --resume to continue it, --overwrite to replace it, "
             "or choose another --out")
 
 
 def read_checkpoint(out: Path) -> Optional[dict[str, Any]]:
-    """The checkpoint of the run in ``out`` loaded on the CPU (RNG states must be CPU tensors), or None."""
+    """The checkpoint of the run in ``out`` (:func:`read_torch`), or None."""
     path = Path(out) / CHECKPOINT
-    if not path.is_file():
-        return None
+    return read_torch(path) if path.is_file() else None
+
+
+def read_torch(path: Path) -> Any:
+    """The checkpoint file ``path`` loaded on the CPU (RNG states must be CPU tensors)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged file; all mean the same here
