@@ -38,8 +38,8 @@ def test_the_cifar10_recipe_takes_the_validated_dataset_defaults() -> None:
     defaults = RECIPES["cifar10"]
     assert (config.epochs, config.warmup_epochs, config.augment) == (
         defaults["epochs"], defaults["warmup_epochs"], defaults["augment"])
-    assert (config.alpha, config.factor, config.threshold, config.signal) == (
-        defaults["alpha"]["pilot"], defaults["factor"], defaults["threshold"], defaults["signal"])
+    assert (config.alpha, config.factor, config.threshold, config.sparsity_signal) == (
+        defaults["alpha"]["pilot"], defaults["factor"], defaults["threshold"], defaults["sparsity_signal"])
     spred, _ = parse_config(["--recipe", "cifar10-resnet20", "--method", "spred"])
     assert spred.alpha == defaults["alpha"]["spred"]
 

@@ -200,3 +200,19 @@ def test_resuming_with_another_number_of_processes_is_refused_where_batchnorm_wo
     check_world_size(config, mlp, 646, 1, 2)
     with pytest.raises(RunError, match="11 steps per epoch with 2 process.*with 4 the final batch of 6 examples"):
         check_world_size(config, mlp, 646, 2, 4)
+
+
+def test_every_flag_passes_through_torchrun() -> None:
+    """torchrun's own parser reads the whole command line before handing the rest to the module, and argparse
+    rejects an option that abbreviates two of torchrun's (``--signal`` was ambiguous with ``--signals-to-handle``):
+    every pilot.train flag must reach pilot.train."""
+    from torch.distributed.run import get_args_parser
+
+    from pilot.train.config import build_parser
+
+    torchrun = get_args_parser()
+    flags = [flag for action in build_parser()._actions for flag in action.option_strings if flag.startswith("--")]
+    assert "--sparsity-signal" in flags
+    for flag in flags:
+        parsed = torchrun.parse_args(["--standalone", "-m", "pilot.train", flag, "VALUE"])
+        assert parsed.training_script_args == [flag, "VALUE"], flag

@@ -287,7 +287,7 @@ def test_defaults_train_pilot_on_fashion_mnist() -> None:
     assert (config.method, config.data, config.model, config.epochs) == ("pilot", "fashion-mnist", "lenet300-100", 10)
     assert config.beta == 1.0 and config.alpha > 0 and config.factor > 1 and not config.threshold_absolute
     # The documented Fashion-MNIST setting: no augmentation, Algorithm 1 per epoch on the L1 norm, no BatchNorm
-    assert (config.augment, config.alpha_update, config.signal, config.bn_recalibration) == (False, "epoch", "l1", 0)
+    assert (config.augment, config.alpha_update, config.sparsity_signal, config.bn_recalibration) == (False, "epoch", "l1", 0)
     assert explicit == frozenset()
     spred, explicit = parse_config(["--method", "spred", "--lr", "0.05"])
     assert (spred.beta, spred.factor, spred.out) == (0.0, None, "runs/spred-lenet300-100-fashion-mnist-seed0")
@@ -305,7 +305,7 @@ def test_each_dataset_has_its_recipe() -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--signal", "effective-density", "--threshold", "0.1", "--threshold-absolute"], "effective-density thresholds"),
+    (["--sparsity-signal", "effective-density", "--threshold", "0.1", "--threshold-absolute"], "effective-density thresholds"),
     (["--accuracy-window", "10"], "--accuracy-window applies to --alpha-update step"),
     (["--method", "spred", "--alpha-update", "step"], "--alpha-update applies to --method pilot"),
     (["--threshold-absolute"], "--threshold-absolute needs --threshold"),
@@ -319,10 +319,14 @@ def test_invalid_schedule_arguments(args: list[str], message: str, capsys: pytes
 def test_configurations_of_earlier_versions_still_load() -> None:
     current, _ = parse_config(["--threshold", "0.02"])
     saved = current.to_json()
-    for key in ("signal", "alpha_update", "accuracy_window", "bn_recalibration", "prune_criterion", "curve"):
+    for key in ("sparsity_signal", "alpha_update", "accuracy_window", "bn_recalibration", "prune_criterion", "curve"):
         del saved[key]
     saved["l1_threshold"], saved["l1_threshold_absolute"] = saved.pop("threshold"), saved.pop("threshold_absolute")
     assert Config.from_json(saved) == current
+    effective_density, _ = parse_config(["--sparsity-signal", "effective-density", "--threshold", "0.2"])
+    saved = effective_density.to_json()
+    saved["signal"] = saved.pop("sparsity_signal")  # its name before torchrun's --signals-to-handle forced a rename
+    assert Config.from_json(saved) == effective_density
 
 
 def test_algorithm_1_per_optimizer_step(tmp_path: Path, data_root: Path) -> None:

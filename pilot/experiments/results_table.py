@@ -23,16 +23,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pilot.evaluate import RECALIBRATED
+from pilot.train.config import Config
 
 # The settings shown for each method (those a sweep varies).
-SETTINGS = {"pilot": ("alpha", "beta", "factor", "signal", "threshold", "alpha_update"), "spred": ("alpha",),
+SETTINGS = {"pilot": ("alpha", "beta", "factor", "sparsity_signal", "threshold", "alpha_update"), "spred": ("alpha",),
             "lasso": ("lasso_lambda",), "str": ("str_weight_decay", "str_init"), "dense": ("weight_decay",)}
 
 
 def run_row(run: Path, split: str) -> dict[str, Any]:
     """The numbers of one finished run (see the module doc)."""
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    config = summary["config"]
+    config = Config.from_json(summary["config"]).to_json()  # in today's keys, whichever version wrote it
     row: dict[str, Any] = {"run": run.name, "method": config["method"],
                            "settings": ", ".join(f"{key} {config[key]:g}" if isinstance(config[key], float)
                                                  else f"{key} {config[key]}" for key in SETTINGS[config["method"]]),

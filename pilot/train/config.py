@@ -35,10 +35,10 @@ DEFAULT_MODELS = {"fashion-mnist": "lenet300-100", "cifar10": "resnet20", "cifar
 # more steps needs proportionally smaller values.
 RECIPES: dict[str, dict[str, Any]] = {
     "fashion-mnist": {"epochs": 10, "augment": False, "warmup_epochs": 0, "bn_recalibration": 0,
-                      "alpha": {"pilot": 1.5e-3, "spred": 2e-3}, "factor": 2.0, "signal": "l1", "threshold": 0.01,
+                      "alpha": {"pilot": 1.5e-3, "spred": 2e-3}, "factor": 2.0, "sparsity_signal": "l1", "threshold": 0.01,
                       "lasso_lambda": 3e-3, "str_weight_decay": 3e-2},
     "cifar10": {"epochs": 30, "augment": True, "warmup_epochs": 1, "bn_recalibration": 20,
-                "alpha": {"pilot": 1.5e-3, "spred": 2e-3}, "factor": 2.0, "signal": "l1", "threshold": 0.01,
+                "alpha": {"pilot": 1.5e-3, "spred": 2e-3}, "factor": 2.0, "sparsity_signal": "l1", "threshold": 0.01,
                 "lasso_lambda": 3e-3, "str_weight_decay": 3e-2},
 }
 # Datasets without a validated recipe of their own use CIFAR-10's.
@@ -53,8 +53,9 @@ RUNTIME_KEYS = frozenset({"out", "resume", "overwrite", "device", "backend", "wo
 # Settings of the evaluation after training: --resume of a finished run evaluates it again with new ones.
 FINISH_KEYS = frozenset({"sparsity", "curve", "prune_scope", "prune_criterion", "bn_recalibration"})
 # Keys of configurations written by earlier versions: renamed ones, and new ones with the value they implied.
-RENAMED_KEYS = {"l1_threshold": "threshold", "l1_threshold_absolute": "threshold_absolute"}
-IMPLIED_KEYS = {"signal": lambda saved: "l1" if saved.get("method") == "pilot" else None,
+RENAMED_KEYS = {"l1_threshold": "threshold", "l1_threshold_absolute": "threshold_absolute",
+                "signal": "sparsity_signal"}
+IMPLIED_KEYS = {"sparsity_signal": lambda saved: "l1" if saved.get("method") == "pilot" else None,
                 "alpha_update": lambda saved: "epoch" if saved.get("method") == "pilot" else None,
                 "accuracy_window": lambda saved: None, "bn_recalibration": lambda saved: 0,
                 "prune_criterion": lambda saved: "magnitude", "curve": lambda saved: True,
@@ -90,7 +91,7 @@ class Config:
     alpha: Optional[float]
     beta: Optional[float]
     factor: Optional[float]
-    signal: Optional[str]
+    sparsity_signal: Optional[str]
     threshold: Optional[float]
     threshold_absolute: bool
     alpha_update: Optional[str]
@@ -279,12 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--accuracy-window", type=_positive_int, metavar="STEPS",
                      help="pilot with --alpha-update step: the running training accuracy is an exponential "
                           "average over about this many steps (default: one epoch's steps)")
-    reg.add_argument("--signal", choices=SIGNALS,
+    reg.add_argument("--sparsity-signal", choices=SIGNALS,
                      help="pilot: the sparsity signal of Algorithm 1's threshold. l1: the L1 norm of the "
                           "factorised weights (the paper's; under BatchNorm it also falls when layers merely "
                           "shrink); effective-density: per-layer (pi/2)*|x|_1^2/(n*|x|_2^2), size-weighted, 1 for "
                           "Gaussian weights and p when the mass sits on a fraction p of them (scale-invariant); "
-                          "default: " + _per_dataset("signal"))
+                          "default: " + _per_dataset("sparsity_signal"))
     reg.add_argument("--threshold", type=_non_negative, metavar="K",
                      help="pilot: alpha only grows while the signal is at least K; for l1 a fraction of its value "
                           "at initialisation (see --threshold-absolute), for effective-density a density; "
@@ -394,7 +395,7 @@ def resolve(args: argparse.Namespace) -> Config:
     method = args.method
     defaults = recipe(args.data)
     specific = {"--alpha": (args.alpha, ("pilot", "spred")), "--beta": (args.beta, ("pilot",)),
-                "--factor": (args.factor, ("pilot",)), "--signal": (args.signal, ("pilot",)),
+                "--factor": (args.factor, ("pilot",)), "--sparsity-signal": (args.sparsity_signal, ("pilot",)),
                 "--threshold": (args.threshold, ("pilot",)), "--alpha-update": (args.alpha_update, ("pilot",)),
                 "--accuracy-window": (args.accuracy_window, ("pilot",)),
                 "--lasso-lambda": (args.lasso_lambda, ("lasso",)), "--str-init": (args.str_init, ("str",)),
@@ -404,9 +405,9 @@ def resolve(args: argparse.Namespace) -> Config:
             raise ValueError(f"{flag} applies to --method {'/'.join(methods)}, not {method}")
     if args.threshold_absolute and args.threshold is None:
         raise ValueError("--threshold-absolute needs --threshold")
-    signal = _default(args.signal, defaults["signal"]) if method == "pilot" else None
-    if args.threshold_absolute and signal == "effective-density":
-        raise ValueError("--threshold-absolute applies to --signal l1 (effective-density thresholds are absolute)")
+    sparsity_signal = _default(args.sparsity_signal, defaults["sparsity_signal"]) if method == "pilot" else None
+    if args.threshold_absolute and sparsity_signal == "effective-density":
+        raise ValueError("--threshold-absolute applies to --sparsity-signal l1 (effective-density thresholds are absolute)")
     alpha_update = _default(args.alpha_update, "epoch") if method == "pilot" else None
     if args.accuracy_window is not None and alpha_update != "step":
         raise ValueError("--accuracy-window applies to --alpha-update step")
@@ -459,7 +460,7 @@ def resolve(args: argparse.Namespace) -> Config:
         alpha=_default(args.alpha, defaults["alpha"][method]) if method in defaults["alpha"] else None,
         beta={"pilot": _default(args.beta, DEFAULT_BETA), "spred": 0.0}.get(method),
         factor=_default(args.factor, defaults["factor"]) if method == "pilot" else None,
-        signal=signal, threshold=_default(args.threshold, defaults["threshold"]) if method == "pilot" else None,
+        sparsity_signal=sparsity_signal, threshold=_default(args.threshold, defaults["threshold"]) if method == "pilot" else None,
         threshold_absolute=args.threshold_absolute, alpha_update=alpha_update,
         accuracy_window=args.accuracy_window,
         lasso_lambda=_default(args.lasso_lambda, defaults["lasso_lambda"]) if method == "lasso" else None,

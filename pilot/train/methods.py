@@ -187,8 +187,8 @@ def make_method(config: Config, model: nn.Module, optimizer: Optimizer, steps_pe
         per_step = config.alpha_update == "step"
         window = (config.accuracy_window or steps_per_epoch) if per_step else None
         alpha_schedule = PILoTSchedule(
-            optimizer, factor=config.factor, threshold=config.threshold, signal=config.signal,
+            optimizer, factor=config.factor, threshold=config.threshold, signal=config.sparsity_signal,
             total=config.epochs * (steps_per_epoch if per_step else 1),
-            relative_threshold=config.signal == "l1" and not config.threshold_absolute)
+            relative_threshold=config.sparsity_signal == "l1" and not config.threshold_absolute)
     return Method(model, optimizer, LambdaLR(optimizer, lr_multiplier(config, steps_per_epoch)),
                   STRENGTH[config.method], alpha_schedule, accuracy_window=window)
