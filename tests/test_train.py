@@ -154,6 +154,9 @@ def test_results_table_selects_the_best_run_of_each_method(finished_runs: dict[s
         summary = json.loads((finished_runs[method] / "summary.json").read_text())
         accuracies = [pruned["test_accuracy"] for pruned in summary["pruned"]]
         assert row["method"] == method and row["score"] == pytest.approx(sum(accuracies) / len(accuracies))
+        # momentum carries weight decay (I = sum / (1 - momentum)), not LASSO's proximal map (I = sum)
+        carried = 1.0 if method == "lasso" else 1.0 - summary["config"]["momentum"]
+        assert row["integral"] == pytest.approx(summary["final"]["regularisation_integral"] / carried)
     assert results_table.main([str(run) for run in runs] + ["--select"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + len(METHODS) and all(f"| {method} |" in "".join(table) for method in METHODS)

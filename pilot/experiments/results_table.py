@@ -9,7 +9,9 @@ the layers that pruning to the highest target empties completely (layer collapse
 Why divide by 1 - momentum: heavy-ball SGD moves, over more than 1 / (1 - momentum) steps, like plain SGD with the
 learning rate lr / (1 - momentum), weight decay included. So a weight decay alpha on the factors shrinks them by
 about exp(-I), and PILoT's imbalance a_t = beta * exp(-2 I): I is the clock of the implicit bias (10x the plain sum
-of lr * alpha at momentum 0.9).
+of lr * alpha at momentum 0.9). LASSO's soft-thresholding acts after the momentum step, on the weights
+themselves, so momentum does not carry it: its I is the plain sum of lr * lambda. I compares configurations of
+one method; across methods the strengths measure different things.
 
 With ``--select``, the rows are sorted per method by the selection score, the mean ``--split`` accuracy over the
 target sparsities (recalibrated where available), and the best configuration of each method is marked. Select on
@@ -26,6 +28,8 @@ from pilot.evaluate import RECALIBRATED
 from pilot.train.config import Config
 
 # The settings shown for each method (those a sweep varies).
+# Methods whose regularisation is applied outside the momentum buffer (ProxSGD's proximal map).
+OUTSIDE_MOMENTUM = frozenset({"lasso"})
 SETTINGS = {"pilot": ("alpha", "beta", "factor", "sparsity_signal", "threshold", "alpha_update"), "spred": ("alpha",),
             "lasso": ("lasso_lambda",), "str": ("str_weight_decay", "str_init"), "dense": ("weight_decay",)}
 
@@ -44,7 +48,8 @@ def run_row(run: Path, split: str) -> dict[str, Any]:
                                                  pruned.get(f"{split}_accuracy{RECALIBRATED}"))
                      for pruned in summary["pruned"]}
     integral = final.get("regularisation_integral")
-    row["integral"] = None if integral is None else integral / (1.0 - config["momentum"])
+    carried = 1.0 if config["method"] in OUTSIDE_MOMENTUM else 1.0 - config["momentum"]
+    row["integral"] = None if integral is None else integral / carried
     row["effective_density"] = final.get("effective_density")
     highest = max(summary["pruned"], key=lambda pruned: pruned["target_sparsity"])
     row["collapsed"] = [layer["name"].removesuffix(".weight") for layer in highest["layers"]
@@ -64,7 +69,7 @@ def markdown(rows: list[dict[str, Any]], split: str, select: bool) -> str:
     if select:
         rows = sorted(rows, key=lambda row: (row["method"], -row["score"]))
     header = ["method", "settings", "epochs", "seed", f"{split} unpruned"] + [f"{100 * s:g}%" for s in levels] + [
-        "mean", "I = sum lr*reg/(1-mom.)", "eff. density", f"empty at {100 * levels[-1]:g}%", "run"]
+        "mean", "I", "eff. density", f"empty at {100 * levels[-1]:g}%", "run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = {}
     for row in rows:
