@@ -16,7 +16,7 @@ from pilot_kernels.aot import (ctas_per_sm, global_access_widths, loads_after_a_
                                vector_load_bytes_before_first_store)
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-REGISTER_TARGET = 72  # the plain kernel, fp32 and bf16 (issue 11): 3 programs of 8 warps per SM at least
+REGISTER_TARGET = 72  # every dtype, plain and GradScaler's (issue 11): 3 programs of 8 warps per SM at least
 THREADS = 32 * pilot_sgd.NUM_WARPS
 PER_THREAD = pilot_sgd.BLOCK_SIZE // THREADS  # consecutive elements of every stream a thread owns
 
@@ -48,8 +48,7 @@ def test_no_spills_and_registers_within_target(reports: list[dict[str, Any]]) ->
     for r in reports:
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
         assert 0 < r["registers"] <= 255, r
-        if not r["amp"] and r["x_dtype"] in ("float32", "bfloat16"):
-            assert r["registers"] <= REGISTER_TARGET, r
+        assert r["registers"] <= REGISTER_TARGET, r
         assert r["ctas_per_sm"] == ctas_per_sm(r["registers"], r["num_warps"]) >= 3, r
 
 
