@@ -66,7 +66,7 @@ import triton.language as tl
 BLOCK_SIZE = 1024  # elements per program
 # 4 elements per thread: one 128-bit vector per fp32 stream. The 16-bit x and grad then take the same blocked
 # layout (64-bit vectors) as the fp32 streams, with no layout conversion through shared memory, and few enough
-# registers (47-48; 62-64 with GradScaler) for 5 programs per SM (4 with GradScaler).
+# registers (48; 62-64 with GradScaler) for 5 programs per SM (4 with GradScaler).
 NUM_WARPS = 8
 # A tensor's last, partial block is stepped in chunks of one element per thread, each chunk's loads before its
 # stores. Masked lanes make every access scalar there anyway; a whole block's per-element state live at once set
