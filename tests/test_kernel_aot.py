@@ -208,3 +208,32 @@ def test_misaligned_gradient_views_train_exactly_in_the_unaligned_variant(monkey
     aligned = _train_pair([g.clone() for g in grads], shape)
     assert sorted(taken) == per_step(pilot_sgd.VARIANT_FULL_ALIGNED)
     assert all(torch.equal(a, b) for a, b in zip(misaligned, aligned))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+def test_tail_chunks_step_as_full_blocks_do(scaled: bool) -> None:
+    """The tail variant's chunks (TAIL_CHUNK elements each, one after the other): a tail that ends inside, at and
+    just past a chunk boundary steps every element as the same elements of a full block do, bit for bit; with a
+    grad_scale (not a power of two) the unscaled gradients written back agree too."""
+    from pilot import FusedPILoTSGD
+
+    chunk = pilot_sgd.TAIL_CHUNK
+    assert pilot_sgd.BLOCK_SIZE // chunk > 1
+    full = pilot_sgd.BLOCK_SIZE
+    x0 = torch.randn(full, generator=torch.Generator().manual_seed(3))
+    grads = [torch.randn(full, generator=torch.Generator().manual_seed(4 + i)) for i in range(3)]
+    for numel in (1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, full - 1):
+        params = [torch.nn.Parameter(x0.clone()), torch.nn.Parameter(x0[:numel].clone())]
+        optimizer = FusedPILoTSGD(params, lr=0.1, momentum=0.9, alpha=1e-2, backend="triton")
+        if scaled:  # as torch.amp.GradScaler hands them to a fused optimizer
+            optimizer.grad_scale, optimizer.found_inf = torch.tensor([3.0]), torch.zeros(1)
+        written = []
+        for grad in grads:
+            params[0].grad, params[1].grad = grad.clone(), grad[:numel].clone()
+            optimizer.step()
+            written.append((params[0].grad.clone(), params[1].grad.clone()))
+        assert torch.equal(params[1].detach(), params[0].detach()[:numel]), numel
+        for whole, tail in written:
+            assert torch.equal(tail, whole[:numel]), numel
+        if scaled:
+            assert not torch.equal(written[0][0], grads[0])  # the gradient was unscaled and written back
