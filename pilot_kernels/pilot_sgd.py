@@ -37,8 +37,11 @@ each rounded to fp32: there results may differ from torch's by an ulp per multip
 Every program handles ``BLOCK_SIZE`` consecutive elements of one tensor, in one of three code variants: full
 blocks of tensors whose x and grad are 16-byte aligned (``FLAG_ALIGNED``) move every stream in vector accesses
 without masks; full blocks of other tensors keep vector accesses on the fp32 factor and buffer streams (their
-segments are always aligned) and access x and grad one element at a time; a tensor's last, partial block is masked.
-Every variant issues all its loads (the old momentum buffers included) before its first store. A program of a
+segments are always aligned) and access x and grad one element at a time; a tensor's last, partial block is masked
+and stepped in ``TAIL_CHUNK``-element chunks (one element per thread), one chunk after the other. The full-block
+variants issue all their loads (the old momentum buffers included) before their first store; the tail does so
+within each chunk (one DRAM round trip per chunk: its per-element accesses are scalar anyway, and a whole block of
+masked per-element state, with GradScaler's division, would set the register count of every block). A program of a
 factorised tensor writes the block's sum of |x| and count of x != 0 to its telemetry slot (deterministic: no
 atomics); the caller sums the slots. With a grad_scale the kernel divides by it correctly rounded, as torch does,
 and writes the unscaled gradient back (one more store per element, 44 bytes per fp32 factorised element).
@@ -63,8 +66,13 @@ import triton.language as tl
 BLOCK_SIZE = 1024  # elements per program
 # 4 elements per thread: one 128-bit vector per fp32 stream. The 16-bit x and grad then take the same blocked
 # layout (64-bit vectors) as the fp32 streams, with no layout conversion through shared memory, and few enough
-# registers (about 64) for 4 programs per SM.
+# registers (48; 62-64 with GradScaler) for 5 programs per SM (4 with GradScaler).
 NUM_WARPS = 8
+# A tensor's last, partial block is stepped in chunks of one element per thread, each chunk's loads before its
+# stores. Masked lanes make every access scalar there anyway; a whole block's per-element state live at once set
+# the register count of the whole kernel (76-80 with GradScaler, whose correctly rounded division calls ptxas' slow
+# path subroutine per element: 3 programs per SM).
+TAIL_CHUNK = 32 * NUM_WARPS
 # Flat-storage segments start on 128-byte boundaries (fp32), for aligned vectors. The kernel asserts it on every
 # offset (tl.multiple_of): callers must lay segments out with padded().
 SEGMENT_ALIGN = 32
@@ -141,6 +149,7 @@ _FLAG_NESTEROV = tl.constexpr(FLAG_NESTEROV)
 _FLAG_MAXIMIZE = tl.constexpr(FLAG_MAXIMIZE)
 _FLAG_ALIGNED = tl.constexpr(FLAG_ALIGNED)
 _SEGMENT_ALIGN = tl.constexpr(SEGMENT_ALIGN)
+_TAIL_CHUNK = tl.constexpr(TAIL_CHUNK)
 
 # The kernel's code variants for a block. The kernel picks one per block (VARIANT_PER_BLOCK); the VARIANT argument
 # compiles one of the others alone, for every block, which is how pilot_kernels.aot inspects each variant's code.
@@ -200,6 +209,64 @@ def _step_gradient(g, grad_ptrs, active, grad_scale, flags, X_DTYPE: tl.constexp
 
 
 @triton.jit
+def _buffer_lanes(active, has_momentum, MASKED: tl.constexpr):
+    """Lanes whose momentum buffers are read and written. The old buffers are read under a mask, not a branch, and
+    whether or not the block's momentum has started, so that their loads issue with the other streams' without
+    waiting for momentum_started. On the first step the value read (whatever the segment holds) is discarded by
+    _momentum_direction (buf = d)."""
+    if MASKED:
+        return has_momentum & active
+    else:
+        return has_momentum
+
+
+@triton.jit
+def _factorised_lanes(g, lanes, active, grad_ptr, x_ptr, m_ptr, w_ptr, buf_m_ptr, buf_w_ptr, lr, alpha,
+                      momentum, one_minus_dampening, grad_scale, flags, has_momentum, first, nesterov,
+                      X_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    """The step of a factorised tensor's elements at ``lanes`` (g: their gradient, loaded): every load, then every
+    store. Returns x as stored (in fp32), for the telemetry. ``active``: the lanes in the tensor (used by the MASKED
+    variant only)."""
+    buffer_lanes = _buffer_lanes(active, has_momentum, MASKED)
+    m = _load(m_ptr + lanes, active, MASKED)
+    w = _load(w_ptr + lanes, active, MASKED)
+    buf_m = tl.load(buf_m_ptr + lanes, mask=buffer_lanes, other=0.0)
+    buf_w = tl.load(buf_w_ptr + lanes, mask=buffer_lanes, other=0.0)
+    g = _step_gradient(g, grad_ptr + lanes, active, grad_scale, flags, X_DTYPE, HAS_GRAD_SCALE, MASKED)
+    d_m = tl.fma(m, alpha, g * w)
+    d_w = tl.fma(w, alpha, g * m)
+    if has_momentum:
+        buf_m, d_m = _momentum_direction(d_m, buf_m, momentum, one_minus_dampening, first, nesterov)
+        buf_w, d_w = _momentum_direction(d_w, buf_w, momentum, one_minus_dampening, first, nesterov)
+    tl.store(buf_m_ptr + lanes, buf_m, mask=buffer_lanes)
+    tl.store(buf_w_ptr + lanes, buf_w, mask=buffer_lanes)
+    m = tl.fma(d_m, -lr, m)
+    w = tl.fma(d_w, -lr, w)
+    _store(m_ptr + lanes, m, active, MASKED)
+    _store(w_ptr + lanes, w, active, MASKED)
+    x = (m * w).to(X_DTYPE)
+    _store(x_ptr + lanes, x, active, MASKED)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _plain_lanes(g, lanes, active, grad_ptr, x_ptr, buf_ptr, lr, weight_decay, momentum,
+                 one_minus_dampening, grad_scale, flags, has_momentum, first, nesterov, X_DTYPE: tl.constexpr,
+                 HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    """The step of a plain tensor's elements at ``lanes`` (g: their gradient, loaded): every load, then every
+    store."""
+    buffer_lanes = _buffer_lanes(active, has_momentum, MASKED)
+    x_old = _load(x_ptr + lanes, active, MASKED).to(tl.float32)
+    buf = tl.load(buf_ptr + lanes, mask=buffer_lanes, other=0.0)
+    g = _step_gradient(g, grad_ptr + lanes, active, grad_scale, flags, X_DTYPE, HAS_GRAD_SCALE, MASKED)
+    d = tl.fma(x_old, weight_decay, g)
+    if has_momentum:
+        buf, d = _momentum_direction(d, buf, momentum, one_minus_dampening, first, nesterov)
+    tl.store(buf_ptr + lanes, buf, mask=buffer_lanes)
+    _store(x_ptr + lanes, tl.fma(d, -lr, x_old).to(X_DTYPE), active, MASKED)
+
+
+@triton.jit
 def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, started_ptr, grad_scale_ptr, start, numel,
                 flags, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                 VARIANT: tl.constexpr):
@@ -208,12 +275,13 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
     segments are SEGMENT_ALIGN-aligned, whatever x and grad are.
 
     Every load comes before the first store (memory-level parallelism: one DRAM round trip per block, not one per
-    store that a later load might alias): the scalars first, then the streams, the old momentum buffers included."""
+    store that a later load might alias): the scalars first, then the streams, the old momentum buffers included. The
+    tail (VARIANT_TAIL) does so per chunk of CHUNK elements, chunk after chunk."""
     MASKED: tl.constexpr = VARIANT == _VARIANT_TAIL
+    # A full block in one chunk; a tail in chunks of TAIL_CHUNK (one element per thread), one after the other.
+    CHUNK: tl.constexpr = _TAIL_CHUNK if MASKED and BLOCK > _TAIL_CHUNK else BLOCK
     # Every stream is a base pointer advanced by ``start`` in int64 scalar arithmetic (tensors may exceed 2**31
     # elements) plus int32 lane offsets: one 64-bit address per stream and thread, not one per element.
-    lanes = tl.arange(0, BLOCK)
-    active = lanes < (numel - start).to(tl.int32)  # only used by the MASKED variant, where numel - start < BLOCK
     x_ptr = tl.load(row + _COL_X).to(tl.pointer_type(X_DTYPE))
     grad_ptr = tl.load(row + _COL_GRAD).to(tl.pointer_type(X_DTYPE))
     if VARIANT == _VARIANT_FULL_ALIGNED:
@@ -239,46 +307,32 @@ def _step_block(factor_ptr, momentum_ptr, row, hyper_ptr, l1_ptr, nnz_ptr, start
     nesterov = (flags & _FLAG_NESTEROV) != 0
     slot = tl.load(row + _COL_SLOT) + start // BLOCK
     first = has_momentum & (tl.load(started_ptr + slot) == 0)
-    # The old buffers are read under a mask, not a branch, and whether or not the block's momentum has started, so
-    # that their loads issue with the other streams' without waiting for momentum_started. On the first step the
-    # value read (whatever the segment holds) is discarded by _momentum_direction (buf = d).
-    buffer_lanes = has_momentum
-    if MASKED:
-        buffer_lanes &= active
+    valid = (numel - start).to(tl.int32)  # elements of the block in the tensor (only the MASKED variant uses it)
 
-    g = _load(grad_ptr + lanes, active, MASKED).to(tl.float32)
-    if (flags & _FLAG_FACTORISED) != 0:
-        m = _load(m_ptr + lanes, active, MASKED)
-        w = _load(w_ptr + lanes, active, MASKED)
-        buf_m = tl.load(buf_m_ptr + lanes, mask=buffer_lanes, other=0.0)
-        buf_w = tl.load(buf_w_ptr + lanes, mask=buffer_lanes, other=0.0)
-        g = _step_gradient(g, grad_ptr + lanes, active, grad_scale, flags, X_DTYPE, HAS_GRAD_SCALE, MASKED)
-        d_m = tl.fma(m, alpha, g * w)
-        d_w = tl.fma(w, alpha, g * m)
-        if has_momentum:
-            buf_m, d_m = _momentum_direction(d_m, buf_m, momentum, one_minus_dampening, first, nesterov)
-            buf_w, d_w = _momentum_direction(d_w, buf_w, momentum, one_minus_dampening, first, nesterov)
-        tl.store(buf_m_ptr + lanes, buf_m, mask=buffer_lanes)
-        tl.store(buf_w_ptr + lanes, buf_w, mask=buffer_lanes)
-        m = tl.fma(d_m, -lr, m)
-        w = tl.fma(d_w, -lr, w)
-        _store(m_ptr + lanes, m, active, MASKED)
-        _store(w_ptr + lanes, w, active, MASKED)
-        x = (m * w).to(X_DTYPE)
-        _store(x_ptr + lanes, x, active, MASKED)
-        # Telemetry of the value the model holds; masked-off lanes loaded zeros, so their x is 0.
-        stored = x.to(tl.float32)
-        tl.store(l1_ptr + slot, tl.sum(tl.abs(stored), axis=0))
-        tl.store(nnz_ptr + slot, tl.sum((stored != 0).to(tl.int64), axis=0))
-    else:
-        x_old = _load(x_ptr + lanes, active, MASKED).to(tl.float32)
-        buf = tl.load(buf_m_ptr + lanes, mask=buffer_lanes, other=0.0)
-        g = _step_gradient(g, grad_ptr + lanes, active, grad_scale, flags, X_DTYPE, HAS_GRAD_SCALE, MASKED)
-        d = tl.fma(x_old, weight_decay, g)
-        if has_momentum:
-            buf, d = _momentum_direction(d, buf, momentum, one_minus_dampening, first, nesterov)
-        tl.store(buf_m_ptr + lanes, buf, mask=buffer_lanes)
-        _store(x_ptr + lanes, tl.fma(d, -lr, x_old).to(X_DTYPE), active, MASKED)
+    factorised = (flags & _FLAG_FACTORISED) != 0
+    for k in tl.static_range(BLOCK // CHUNK):
+        lanes = k * CHUNK + tl.arange(0, CHUNK)
+        active = lanes < valid
+        g = _load(grad_ptr + lanes, active, MASKED).to(tl.float32)
+        if factorised:
+            stored = _factorised_lanes(g, lanes, active, grad_ptr, x_ptr, m_ptr, w_ptr, buf_m_ptr, buf_w_ptr, lr,
+                                       alpha, momentum, one_minus_dampening, grad_scale, flags, has_momentum, first,
+                                       nesterov, X_DTYPE, HAS_GRAD_SCALE, MASKED)
+        else:
+            _plain_lanes(g, lanes, active, grad_ptr, x_ptr, buf_m_ptr, lr, weight_decay, momentum,
+                         one_minus_dampening, grad_scale, flags, has_momentum, first, nesterov, X_DTYPE,
+                         HAS_GRAD_SCALE, MASKED)
+            stored = tl.zeros([CHUNK], tl.float32)
+        # Telemetry of the value the model holds (factorised tensors); masked-off lanes loaded zeros: their x is 0.
+        if k == 0:
+            l1 = tl.abs(stored)
+            nnz = (stored != 0).to(tl.int64)
+        else:
+            l1 += tl.abs(stored)
+            nnz += (stored != 0).to(tl.int64)
+    if factorised:
+        tl.store(l1_ptr + slot, tl.sum(l1, axis=0))
+        tl.store(nnz_ptr + slot, tl.sum(nnz, axis=0))
     if has_momentum:
         # Every warp of the program read the block's momentum_started slot above; the barrier keeps a lagging warp
         # from reading it after another has set it (it would then take the unwritten buffer for the old one). The

@@ -16,7 +16,7 @@ from pilot_kernels.aot import (ctas_per_sm, global_access_widths, loads_after_a_
                                vector_load_bytes_before_first_store)
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-REGISTER_TARGET = 72  # the plain kernel, fp32 and bf16 (issue 11): 3 programs of 8 warps per SM at least
+REGISTER_TARGET = 72  # every dtype, plain and GradScaler's (issue 11): 3 programs of 8 warps per SM at least
 THREADS = 32 * pilot_sgd.NUM_WARPS
 PER_THREAD = pilot_sgd.BLOCK_SIZE // THREADS  # consecutive elements of every stream a thread owns
 
@@ -48,8 +48,7 @@ def test_no_spills_and_registers_within_target(reports: list[dict[str, Any]]) ->
     for r in reports:
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
         assert 0 < r["registers"] <= 255, r
-        if not r["amp"] and r["x_dtype"] in ("float32", "bfloat16"):
-            assert r["registers"] <= REGISTER_TARGET, r
+        assert r["registers"] <= REGISTER_TARGET, r
         assert r["ctas_per_sm"] == ctas_per_sm(r["registers"], r["num_warps"]) >= 3, r
 
 
@@ -209,3 +208,32 @@ def test_misaligned_gradient_views_train_exactly_in_the_unaligned_variant(monkey
     aligned = _train_pair([g.clone() for g in grads], shape)
     assert sorted(taken) == per_step(pilot_sgd.VARIANT_FULL_ALIGNED)
     assert all(torch.equal(a, b) for a, b in zip(misaligned, aligned))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+def test_tail_chunks_step_as_full_blocks_do(scaled: bool) -> None:
+    """The tail variant's chunks (TAIL_CHUNK elements each, one after the other): a tail that ends inside, at and
+    just past a chunk boundary steps every element as the same elements of a full block do, bit for bit; with a
+    grad_scale (not a power of two) the unscaled gradients written back agree too."""
+    from pilot import FusedPILoTSGD
+
+    chunk = pilot_sgd.TAIL_CHUNK
+    assert pilot_sgd.BLOCK_SIZE // chunk > 1
+    full = pilot_sgd.BLOCK_SIZE
+    x0 = torch.randn(full, generator=torch.Generator().manual_seed(3))
+    grads = [torch.randn(full, generator=torch.Generator().manual_seed(4 + i)) for i in range(3)]
+    for numel in (1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, full - 1):
+        params = [torch.nn.Parameter(x0.clone()), torch.nn.Parameter(x0[:numel].clone())]
+        optimizer = FusedPILoTSGD(params, lr=0.1, momentum=0.9, alpha=1e-2, backend="triton")
+        if scaled:  # as torch.amp.GradScaler hands them to a fused optimizer
+            optimizer.grad_scale, optimizer.found_inf = torch.tensor([3.0]), torch.zeros(1)
+        written = []
+        for grad in grads:
+            params[0].grad, params[1].grad = grad.clone(), grad[:numel].clone()
+            optimizer.step()
+            written.append((params[0].grad.clone(), params[1].grad.clone()))
+        assert torch.equal(params[1].detach(), params[0].detach()[:numel]), numel
+        for whole, tail in written:
+            assert torch.equal(tail, whole[:numel]), numel
+        if scaled:
+            assert not torch.equal(written[0][0], grads[0])  # the gradient was unscaled and written back
