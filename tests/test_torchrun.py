@@ -30,7 +30,7 @@ from pilot.models import build_model
 from pilot.train import main, parse_config
 from pilot.train.loop import check_world_size
 from pilot.train.rundir import RunError
-from test_train import assert_states_equal, final_state, records, write_fashion_mnist
+from test_train import assert_states_equal, final_state, records
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -62,11 +62,6 @@ def succeeded(job: subprocess.CompletedProcess) -> bool:
     if job.returncode != 0:
         print(job.stdout, job.stderr, sep="\n")
     return job.returncode == 0
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fashion_mnist(tmp_path_factory.mktemp("fashion"))
 
 
 @pytest.fixture(scope="module")

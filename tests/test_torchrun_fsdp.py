@@ -31,7 +31,7 @@ from pilot.train.config import check_fsdp
 from pilot.train.fsdp import TRAINER_STATE, LockstepBatches
 from pilot.train.rundir import SHARDED_CHECKPOINT, open_run_dir
 from test_torchrun import PROBE, STEP_ARGS, WEIGHT_TOLERANCE, WORLD, succeeded, torchrun
-from test_train import assert_states_equal, final_state, records, write_fashion_mnist
+from test_train import assert_states_equal, final_state, records
 
 # A validation split of 45 examples: shards of 23 and 22, which in per-rank batches of 22 are 2 batches and 1, so
 # the lockstep padding of evaluation is exercised (0.140625 * 320 = 45).
@@ -49,11 +49,6 @@ def sharded_final_state(out: Path) -> dict:
 
 def without_times(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key not in ("seconds", "eval_seconds")} for row in rows]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fashion_mnist(tmp_path_factory.mktemp("fashion"))
 
 
 @pytest.fixture(scope="module")

@@ -54,11 +54,6 @@ def _one_thread() -> None:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fashion_mnist(tmp_path_factory.mktemp("fashion"))
-
-
 def run(out: Path, data_root: Path, *args: str) -> int:
     return main(["--data-root", str(data_root), "--out", str(out), "--batch-size", "32", "--epochs", "2",
                  "--no-progress", "--backend", "eager", *args])

@@ -12,12 +12,7 @@ from pilot.data import load_datasets
 from pilot.models import build_model
 from pilot.train import main, parse_config
 from pilot.train.methods import prepare_model
-from test_train import TRAIN_SIZE, final_state, records, write_fashion_mnist
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fashion_mnist(tmp_path_factory.mktemp("fashion"))
+from test_train import TRAIN_SIZE, final_state, records
 
 
 def test_label_smoothing_is_the_training_loss(tmp_path: Path, data_root: Path) -> None:
