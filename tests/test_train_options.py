@@ -12,7 +12,8 @@ from pilot.data import load_datasets
 from pilot.models import build_model
 from pilot.train import main, parse_config
 from pilot.train.methods import prepare_model
-from test_train import TRAIN_SIZE, final_state, records
+import pilot.train.loop as train_loop
+from test_train import TRAIN_SIZE, final_state, interrupted_at, records
 
 
 def test_label_smoothing_is_the_training_loss(tmp_path: Path, data_root: Path) -> None:
@@ -55,6 +56,40 @@ def test_channels_last_trains_like_the_default_layout(tmp_path: Path, data_root:
             update = weight - initial[name]
             torch.testing.assert_close(channels_last["model"][name] - initial[name], update, rtol=0,
                                        atol=0.02 * update.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("method", ["pilot", "str"])
+def test_compiled_model_trains_like_the_eager_one(method: str, tmp_path: Path, data_root: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile-model, stopped after epoch 1 and resumed: after two epochs (batches of 96, then one of 32 that
+    recompiles) the weights are the eager run's to float rounding (inductor fuses elementwise ops, which reorders
+    sums), and the checkpoint's keys are the model's own (no ``_orig_mod.`` prefix). STR's soft threshold runs
+    inside the graph."""
+    args = ["--data-root", str(data_root), "--method", method, "--epochs", "2", "--batch-size", "96", "--no-progress",
+            "--sparsity", "0.5", "--no-curve"]
+    compiled_modules = []
+    real_compile = torch.compile
+
+    def recording_compile(target, *positional, **options):
+        if isinstance(target, nn.Module):
+            compiled_modules.append(type(target).__name__)
+        return real_compile(target, *positional, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch.set_num_threads(1)
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert compiled_modules == []
+    with monkeypatch.context() as patch:
+        patch.setattr(train_loop.Trainer, "train_epoch", interrupted_at(2))
+        assert main([*args, "--out", str(tmp_path / "compiled"), "--compile-model"]) == 130
+    # A runtime setting, like --device: each invocation says whether it compiles.
+    assert main(["--out", str(tmp_path / "compiled"), "--resume", "--no-progress", "--compile-model"]) == 0
+    assert compiled_modules == ["LeNet300100"] * 2  # the model, once per invocation
+    eager, compiled = final_state(tmp_path / "eager")["model"], final_state(tmp_path / "compiled")["model"]
+    assert eager.keys() == compiled.keys()
+    for name, weight in eager.items():
+        if weight.dtype.is_floating_point:
+            torch.testing.assert_close(compiled[name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fan_in_init_for_the_imagenet_recipe() -> None:

@@ -212,9 +212,9 @@ def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
                     network: Optional[nn.Module] = None, place: Distributed = SINGLE) -> tuple[float, float]:
     """One pass over ``loader`` (one optimizer and LR-schedule step per batch); returns (mean loss, accuracy) over
     all ranks. ``network`` is what runs forward and backward: ``method.model`` (also when it is sharded with
-    --fsdp) or its DistributedDataParallel."""
+    --fsdp) or its DistributedDataParallel, either compiled with --compile-model."""
     model, optimizer = method.model, method.optimizer
-    network = network or model
+    network = model if network is None else network
     network.train()
     # Running sums stay on the device; reading them (a sync) happens only when the bar is refreshed.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -304,7 +304,7 @@ class Trainer:
         self.device = torch.device(config.device)
         self.autocast_dtype = torch.bfloat16 if config.bf16 else None
         self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
-        self.network: Optional[DistributedDataParallel] = None  # built once the optimizer has set the weights
+        self.network: Optional[nn.Module] = None  # built once the optimizer has set the weights
         self.iterative = IterativePruning(model, lambda m: make_optimizer(config, m), mode=config.rewind,
                                           keep_rate=1.0 - config.prune_rate, scope=config.prune_scope)
         self.progress = Progress()
@@ -361,11 +361,10 @@ class Trainer:
         else:
             self.progress.cycle, self.progress.epoch = cycle, 0
             self.progress.initial_l1 = method.l1_norm()
-        if self.place.enabled and not config.fsdp and self.network is None:
+        if self.network is None:
             # After the optimizer is built (FusedPILoTSGD rounds the weights to m0 * w0) and the checkpoint loaded:
             # DDP registers its gradient hooks on these parameter tensors, which pruning and rewinding only edit.
-            self.network = DistributedDataParallel(
-                model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            self.network = self._network(model)
         for epoch in range(self.progress.epoch + 1, config.epochs + 1):
             self.train_epoch(method, cycle, epoch)
             if config.rewind == "wr" and cycle == 0 and epoch == config.rewind_epoch:
@@ -373,6 +372,15 @@ class Trainer:
             self.save_checkpoint(method)
         if cycle < config.cycles:
             self.cycle_end = _snapshot(method)
+
+    def _network(self, model: nn.Module) -> nn.Module:
+        """What runs the training forward and backward: ``model``, or its DistributedDataParallel in a distributed
+        run without --fsdp; torch.compile'd with --compile-model. Checkpoints, evaluation and pruning use ``model``
+        itself, so state dict keys never carry a wrapper's prefix."""
+        network = model
+        if self.place.enabled and not self.config.fsdp:
+            network = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return torch.compile(network) if self.config.compile_model else network
 
     def train_epoch(self, method: Method, cycle: int, epoch: int) -> None:
         """One epoch, its evaluation, the alpha schedule's step, its log line and metrics record."""
