@@ -157,7 +157,7 @@ def test_fsdp_refuses_what_it_cannot_run(tmp_path: Path, data_root: Path, runs: 
     fsdp = dataclasses.replace(config, fsdp=True)
     check_fsdp(fsdp, 2)
     for changes, message in (({"channels_last": True}, "--no-channels-last"), ({"method": "str"}, "STR"),
-                             ({"cycles": 2}, "--cycles")):
+                             ({"cycles": 2}, "--cycles"), ({"compile_model": True}, "drop --compile-model")):
         with pytest.raises(ValueError, match=message):
             check_fsdp(dataclasses.replace(fsdp, **changes), 2)
     # --resume brings --fsdp from the saved run: one process cannot continue it
