@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pilot.train import parse_config
-from pilot.train.config import RECIPES
+from pilot.train.config import METHODS, RECIPES
 from pilot.train.recipe_files import recipe_names
 
 CPU = ("--device", "cpu", "--no-bf16")  # the ImageNet recipe's CUDA-only bf16 autocast, off
@@ -42,6 +42,41 @@ def test_the_cifar10_recipe_takes_the_validated_dataset_defaults() -> None:
         defaults["alpha"]["pilot"], defaults["factor"], defaults["threshold"], defaults["sparsity_signal"])
     spred, _ = parse_config(["--recipe", "cifar10-resnet20", "--method", "spred"])
     assert spred.alpha == defaults["alpha"]["spred"]
+
+
+# The Fashion-MNIST selection of docs/results.md ("selected over lr 0.1 and 0.3"), written out independently.
+FASHION_MNIST_SELECTION = {
+    "dense": {"lr": 0.1, "warmup_epochs": 0},
+    "pilot": {"lr": 0.3, "warmup_epochs": 1, "alpha": 5e-4, "beta": 1.0, "factor": 1.00329, "alpha_update": "step",
+              "sparsity_signal": "effective-density", "threshold": 0.1},
+    "spred": {"lr": 0.3, "warmup_epochs": 1, "alpha": 6.7e-4, "beta": 0.0},
+    "lasso": {"lr": 0.1, "warmup_epochs": 0, "lasso_lambda": 3e-3},
+    "str": {"lr": 0.3, "warmup_epochs": 1, "str_weight_decay": 2e-2},
+}
+
+
+@pytest.mark.parametrize("method", sorted(FASHION_MNIST_SELECTION))
+def test_fashion_mnist_defaults_are_each_methods_selection(method: str) -> None:
+    config, explicit = parse_config(["--method", method])
+    assert (config.data, config.epochs, config.augment, config.bn_recalibration) == ("fashion-mnist", 10, False, 0)
+    for key, value in FASHION_MNIST_SELECTION[method].items():
+        assert getattr(config, key) == value, key
+    assert explicit == {"method"}
+
+
+def test_per_method_recipe_values_cover_the_methods_they_apply_to() -> None:
+    applies_to = {"alpha": {"pilot", "spred"}}
+    for data, values in RECIPES.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                assert set(value) == applies_to.get(key, set(METHODS)), (data, key)
+
+
+def test_flags_override_per_method_defaults() -> None:
+    config, _ = parse_config(["--lr", "0.05", "--warmup-epochs", "0", "--alpha-update", "epoch", "--factor", "1.5"])
+    assert (config.lr, config.warmup_epochs, config.alpha_update, config.factor) == (0.05, 0, "epoch", 1.5)
+    lasso, _ = parse_config(["--method", "lasso", "--lr", "0.3"])
+    assert (lasso.lr, lasso.warmup_epochs) == (0.3, 0)
 
 
 def test_flags_override_the_recipe() -> None:

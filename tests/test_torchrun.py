@@ -39,7 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("torchrun_probe.py")
 WORLD = 2
 # 320 training examples in global batches of 44: 7 full batches and a final one of 12, split 6 + 6 over the ranks.
-ARGS = ("--batch-size", "44", "--no-progress", "--backend", "eager", "--sparsity", "0.5", "0.9", "--no-curve")
+# The pilot settings these tests were written for, pinned so that the recipe may change: the dataset's recipe now
+# has lr 0.3 (selected for batches of 256 real images; it diverges on these) and drives the loss of the synthetic
+# data so low that float rounding of the reduced gradients exceeds the relative tolerances of the loss comparisons.
+ARGS = ("--batch-size", "44", "--lr", "0.1", "--warmup-epochs", "0", "--sparsity-signal", "l1", "--threshold", "0.01",
+        "--no-progress", "--backend", "eager", "--sparsity", "0.5", "0.9", "--no-curve")
+EPOCH_ARGS = ("--alpha-update", "epoch")  # Algorithm 1 per epoch, as the runs that are not STEP_ARGS were written for
 STEP_ARGS = ("--epochs", "2", "--alpha-update", "step", "--factor", "1.05", "--accuracy-window", "3")
 JOB_TIMEOUT = 240  # seconds; a hang fails the test instead of blocking the suite
 # float32 rounding of a differently ordered sum of gradients, grown over 3 epochs of ~8 steps (measured ~1e-7)
@@ -72,11 +77,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str,
     paths["alphas"].mkdir()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the in-process runs: see test_train.py's _one_thread
-    assert succeeded(torchrun(paths["ddp"], data_root, "--epochs", "3"))
-    assert single(paths["single"], data_root, "--epochs", "3") == 0
+    assert succeeded(torchrun(paths["ddp"], data_root, "--epochs", "3", *EPOCH_ARGS))
+    assert single(paths["single"], data_root, "--epochs", "3", *EPOCH_ARGS) == 0
     assert succeeded(torchrun(paths["step"], data_root, *STEP_ARGS))
     assert succeeded(torchrun(paths["bn"], data_root, "--epochs", "2", "--model", "resnet20", "--bn-recalibration",
-                              "2"))
+                              "2", *EPOCH_ARGS))
     recording = {"PROBE_RECORD": str(paths["alphas"])}
     stopped = torchrun(paths["stopped"], data_root, *STEP_ARGS, script=(str(PROBE),),
                        env={**recording, "PROBE_STOP_AFTER_EPOCH": "1"})

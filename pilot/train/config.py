@@ -28,18 +28,24 @@ ALPHA_UPDATES = ("epoch", "step")
 # The model each dataset is trained with when --model is not given (the paper's choice where it has one).
 DEFAULT_MODELS = {"fashion-mnist": "lenet300-100", "cifar10": "resnet20", "cifar100": "resnet18-cifar",
                   "imagenet": "resnet50"}
-# The recipe of each dataset: the defaults of the flags that depend on it. Fashion-MNIST's were selected by
-# validation accuracy after one-shot pruning to 90/95/98% for LeNet-300-100 in 10 epochs without augmentation
-# (docs/results.md, where each row's command is given). The regularisation strengths scale with the length of
-# training: what matters is their sum over the steps times the learning rate (docs/results.md), so a run with
-# more steps needs proportionally smaller values.
+# The recipe of each dataset: the defaults of the flags that depend on it. A value is either every method's or a
+# dict keyed by method (a method the dict leaves out gets None: the setting does not apply to it). Both recipes were
+# selected on a 10% validation split by the mean accuracy after one-shot pruning (docs/results.md gives each row's
+# command). Fashion-MNIST: LeNet-300-100, 10 epochs, the learning rate selected per method among 0.1 and 0.3 with
+# a one-epoch warmup. CIFAR-10: ResNet-20, 30 epochs on the full training set; the strengths were selected on
+# 20,000 images for 15 epochs and divided by the 5.6 times as many steps (what matters is their sum over the steps
+# times the learning rate), Algorithm 1's per-epoch factor replaced by its square root (twice the epochs).
 RECIPES: dict[str, dict[str, Any]] = {
-    "fashion-mnist": {"epochs": 10, "augment": False, "warmup_epochs": 0, "bn_recalibration": 0,
-                      "alpha": {"pilot": 1.5e-3, "spred": 2e-3}, "factor": 2.0, "sparsity_signal": "l1", "threshold": 0.01,
-                      "lasso_lambda": 3e-3, "str_weight_decay": 3e-2},
-    "cifar10": {"epochs": 30, "augment": True, "warmup_epochs": 1, "bn_recalibration": 20,
-                "alpha": {"pilot": 1.5e-3, "spred": 2e-3}, "factor": 2.0, "sparsity_signal": "l1", "threshold": 0.01,
-                "lasso_lambda": 3e-3, "str_weight_decay": 3e-2},
+    "fashion-mnist": {"epochs": 10, "augment": False, "bn_recalibration": 0,
+                      "lr": {"dense": 0.1, "pilot": 0.3, "spred": 0.3, "lasso": 0.1, "str": 0.3},
+                      "warmup_epochs": {"dense": 0, "pilot": 1, "spred": 1, "lasso": 0, "str": 1},
+                      "alpha": {"pilot": 5e-4, "spred": 6.7e-4}, "factor": 1.00329, "alpha_update": "step",
+                      "sparsity_signal": "effective-density", "threshold": 0.1,
+                      "lasso_lambda": 3e-3, "str_weight_decay": 2e-2},
+    "cifar10": {"epochs": 30, "augment": True, "bn_recalibration": 20, "lr": 0.1, "warmup_epochs": 1,
+                "alpha": {"pilot": 8.9e-4, "spred": 2.2e-3}, "factor": 1.2247, "alpha_update": "epoch",
+                "sparsity_signal": "effective-density", "threshold": 0.3,
+                "lasso_lambda": 2.1e-3, "str_weight_decay": 1.25e-3},
 }
 # Datasets without a validated recipe of their own use CIFAR-10's.
 RECIPE_FALLBACK = "cifar10"
@@ -189,17 +195,33 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def recipe(data: str) -> dict[str, Any]:
-    """The defaults of ``data``'s recipe (:data:`RECIPES`)."""
-    return RECIPES.get(data, RECIPES[RECIPE_FALLBACK])
+def recipe(data: str, method: str) -> dict[str, Any]:
+    """The defaults of ``data``'s recipe (:data:`RECIPES`) for ``method``: a value given per method is
+    ``method``'s, None where the recipe leaves ``method`` out."""
+    values = RECIPES.get(data, RECIPES[RECIPE_FALLBACK])
+    return {key: value.get(method) if isinstance(value, dict) else value for key, value in values.items()}
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else f"{value}"
 
 
 def _per_dataset(key: str) -> str:
-    values = [f"{recipe[key]:g}" if isinstance(recipe[key], float) else f"{recipe[key]}" for recipe in
-              RECIPES.values()]
-    if len(set(values)) == 1:
-        return values[0]
-    return ", ".join(f"{value} for {data}" for data, value in zip(RECIPES, values))
+    """The recipes' defaults of ``key`` for --help: one value if all agree, else each dataset's (and, where the
+    methods differ, each method's)."""
+    described = []
+    for values in RECIPES.values():
+        value = values[key]
+        if not isinstance(value, dict):
+            described.append(_shown(value))
+            continue
+        methods_by_value: dict[str, list[str]] = {}
+        for method, method_value in value.items():
+            methods_by_value.setdefault(_shown(method_value), []).append(method)
+        described.append(", ".join(f"{shown} ({'/'.join(methods)})" for shown, methods in methods_by_value.items()))
+    if len(set(described)) == 1:
+        return described[0]
+    return "; ".join(f"{text} for {data}" for data, text in zip(RECIPES, described))
 
 
 def default_device() -> str:
@@ -244,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--epochs", type=_positive_int, metavar="N",
                        help="epochs (of each cycle with --cycles); default: " + _per_dataset("epochs"))
     optim.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="training batch size")
-    optim.add_argument("--lr", type=_positive, default=0.1, help="peak learning rate")
+    optim.add_argument("--lr", type=_positive, help="peak learning rate; default: " + _per_dataset("lr"))
     optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                        help="cosine: to 0 at the last epoch; step: multiply by --gamma at each milestone")
     optim.add_argument("--warmup-epochs", type=_non_negative_int, metavar="N",
@@ -266,9 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = parser.add_argument_group("sparsifying regularisation")
     reg.add_argument("--alpha", type=_non_negative,
-                     help="pilot/spred: initial weight decay on the factors m, w; default: " + "; ".join(
-                         f"{data}: " + ", ".join(f"{m} {a:g}" for m, a in recipe["alpha"].items())
-                         for data, recipe in RECIPES.items()))
+                     help="pilot/spred: initial weight decay on the factors m, w; default: " + _per_dataset("alpha"))
     reg.add_argument("--beta", type=_positive, help="pilot: initial imbalance m^2 - w^2 of the factors "
                                                     f"(default {DEFAULT_BETA:g}; spred is beta = 0)")
     reg.add_argument("--factor", type=_factor,
@@ -278,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--alpha-update", choices=ALPHA_UPDATES,
                      help="pilot: apply Algorithm 1 after each epoch with the epoch's training accuracy (the "
                           "paper's Algorithm 1), or after each optimizer step with a running training accuracy "
-                          "(the paper's prose; see --accuracy-window) (default: epoch)")
+                          "(the paper's prose; see --accuracy-window); default: " + _per_dataset("alpha_update"))
     reg.add_argument("--accuracy-window", type=_positive_int, metavar="STEPS",
                      help="pilot with --alpha-update step: the running training accuracy is an exponential "
                           "average over about this many steps (default: one epoch's steps)")
@@ -398,7 +418,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[Config, frozense
 def resolve(args: argparse.Namespace) -> Config:
     """Fill the method- and dataset-dependent defaults and check the combinations argparse cannot."""
     method = args.method
-    defaults = recipe(args.data)
+    defaults = recipe(args.data, method)
     specific = {"--alpha": (args.alpha, ("pilot", "spred")), "--beta": (args.beta, ("pilot",)),
                 "--factor": (args.factor, ("pilot",)), "--sparsity-signal": (args.sparsity_signal, ("pilot",)),
                 "--threshold": (args.threshold, ("pilot",)), "--alpha-update": (args.alpha_update, ("pilot",)),
@@ -413,7 +433,7 @@ def resolve(args: argparse.Namespace) -> Config:
     sparsity_signal = _default(args.sparsity_signal, defaults["sparsity_signal"]) if method == "pilot" else None
     if args.threshold_absolute and sparsity_signal == "effective-density":
         raise ValueError("--threshold-absolute applies to --sparsity-signal l1 (effective-density thresholds are absolute)")
-    alpha_update = _default(args.alpha_update, "epoch") if method == "pilot" else None
+    alpha_update = _default(args.alpha_update, defaults["alpha_update"]) if method == "pilot" else None
     if args.accuracy_window is not None and alpha_update != "step":
         raise ValueError("--accuracy-window applies to --alpha-update step")
     epochs = _default(args.epochs, defaults["epochs"])
@@ -459,10 +479,11 @@ def resolve(args: argparse.Namespace) -> Config:
     config = Config(
         method=method, data=args.data, data_root=args.data_root, model=model, limit=args.limit,
         augment=_default(args.augment, defaults["augment"]), val_fraction=args.val_fraction, epochs=epochs,
-        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, warmup_epochs=warmup_epochs,
+        batch_size=args.batch_size, lr=_default(args.lr, defaults["lr"]), lr_schedule=args.lr_schedule,
+        warmup_epochs=warmup_epochs,
         milestones=milestones, gamma=args.gamma, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, conv_init=args.conv_init,
-        alpha=_default(args.alpha, defaults["alpha"][method]) if method in defaults["alpha"] else None,
+        alpha=_default(args.alpha, defaults["alpha"]) if method in ("pilot", "spred") else None,
         beta={"pilot": _default(args.beta, DEFAULT_BETA), "spred": 0.0}.get(method),
         factor=_default(args.factor, defaults["factor"]) if method == "pilot" else None,
         sparsity_signal=sparsity_signal, threshold=_default(args.threshold, defaults["threshold"]) if method == "pilot" else None,
