@@ -47,7 +47,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cifar10": {"epochs": 30, "augment": True, "bn_recalibration": 20, "lr": 0.1, "warmup_epochs": 1,
                 "alpha": {"pilot": 8.9e-4, "spred": 2.2e-3}, "factor": 1.2247, "alpha_update": "epoch",
                 "sparsity_signal": "effective-density", "threshold": 0.3,
-                "lasso_lambda": 1.8e-3, "str_weight_decay": 1.25e-3},
+                "lasso_lambda": 1.8e-3, "str_weight_decay": 2.1e-3},
 }
 # Datasets without a validated recipe of their own use CIFAR-10's.
 RECIPE_FALLBACK = "cifar10"
