@@ -485,7 +485,7 @@ def resolve(args: argparse.Namespace) -> Config:
         warmup_epochs=warmup_epochs,
         milestones=milestones, gamma=args.gamma, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, conv_init=args.conv_init,
-        alpha=_default(args.alpha, defaults["alpha"]) if method in ("pilot", "spred") else None,
+        alpha=_default(args.alpha, defaults["alpha"]),  # None for the methods the recipe's alpha leaves out
         beta={"pilot": _default(args.beta, DEFAULT_BETA), "spred": 0.0}.get(method),
         factor=_default(args.factor, defaults["factor"]) if method == "pilot" else None,
         sparsity_signal=sparsity_signal, threshold=_default(args.threshold, defaults["threshold"]) if method == "pilot" else None,
