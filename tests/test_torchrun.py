@@ -99,6 +99,7 @@ def test_torchrun_writes_one_run_directory(runs: dict[str, Path]) -> None:
     assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in runs["single"].iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == WORLD and summary["epochs"] == 3
+    assert summary["device"]["subnormals_flushed"] is True  # the entry point's flush reached every thread
     assert json.loads((runs["single"] / "summary.json").read_text())["world_size"] == 1
     assert [r["epoch"] for r in records(out)] == [1, 2, 3]
     log = (out / "train.log").read_text()

@@ -25,6 +25,7 @@ from .distributed import SINGLE, Distributed
 from .loop import Data, Progress
 from .rundir import (CURVES_PNG, LAYER_DENSITY_PNG, ONE_SHOT_JSON, ONE_SHOT_PNG, SUMMARY, pruned_model_name,
                      save_json, save_torch)
+from .subnormals import subnormals_flushed
 
 log = logging.getLogger("pilot.train")
 
@@ -144,7 +145,8 @@ def _git_commit(directory: Path) -> Optional[str]:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(),
+                            "subnormals_flushed": subnormals_flushed()}
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
     else:
