@@ -64,6 +64,26 @@ def test_fashion_mnist_defaults_are_each_methods_selection(method: str) -> None:
     assert explicit == {"method"}
 
 
+# The CIFAR-10 transfer of docs/results.md ("The final budget F"): the S selections divided by 5.6, pilot's alpha0
+# rescaled once to S's integral, written out independently.
+CIFAR10_TRANSFER = {
+    "dense": {"lr": 0.1, "warmup_epochs": 1},
+    "pilot": {"lr": 0.1, "warmup_epochs": 1, "alpha": 1.3e-3, "beta": 1.0, "factor": 1.2247, "alpha_update": "epoch",
+              "sparsity_signal": "effective-density", "threshold": 0.3},
+    "spred": {"lr": 0.1, "warmup_epochs": 1, "alpha": 2.2e-3, "beta": 0.0},
+    "lasso": {"lr": 0.1, "warmup_epochs": 1, "lasso_lambda": 1.8e-3},
+    "str": {"lr": 0.1, "warmup_epochs": 1, "str_weight_decay": 2.1e-3},
+}
+
+
+@pytest.mark.parametrize("method", sorted(CIFAR10_TRANSFER))
+def test_cifar10_defaults_are_each_methods_transferred_selection(method: str) -> None:
+    config, _ = parse_config(["--data", "cifar10", "--method", method])
+    assert (config.model, config.epochs, config.augment, config.bn_recalibration) == ("resnet20", 30, True, 20)
+    for key, value in CIFAR10_TRANSFER[method].items():
+        assert getattr(config, key) == value, key
+
+
 def test_per_method_recipe_values_cover_the_methods_they_apply_to() -> None:
     applies_to = {"alpha": {"pilot", "spred"}}
     for data, values in RECIPES.items():
