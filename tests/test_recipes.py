@@ -44,44 +44,38 @@ def test_the_cifar10_recipe_takes_the_validated_dataset_defaults() -> None:
     assert spred.alpha == defaults["alpha"]["spred"]
 
 
-# The Fashion-MNIST selection of docs/results.md ("selected over lr 0.1 and 0.3"), written out independently.
-FASHION_MNIST_SELECTION = {
-    "dense": {"lr": 0.1, "warmup_epochs": 0},
-    "pilot": {"lr": 0.3, "warmup_epochs": 1, "alpha": 5e-4, "beta": 1.0, "factor": 1.00329, "alpha_update": "step",
-              "sparsity_signal": "effective-density", "threshold": 0.1},
-    "spred": {"lr": 0.3, "warmup_epochs": 1, "alpha": 6.7e-4, "beta": 0.0},
-    "lasso": {"lr": 0.1, "warmup_epochs": 0, "lasso_lambda": 3e-3},
-    "str": {"lr": 0.3, "warmup_epochs": 1, "str_weight_decay": 2e-2},
+# Each dataset's selection in docs/results.md, written out independently: Fashion-MNIST's "selected over lr 0.1 and
+# 0.3"; CIFAR-10's "The final budget F", the S selections divided by 5.6 and pilot's alpha0 rescaled once to S's
+# integral. Per dataset: the arguments that choose it, then (model, epochs, augment, bn_recalibration).
+SELECTIONS = {
+    "fashion-mnist": ((), ("lenet300-100", 10, False, 0), {
+        "dense": {"lr": 0.1, "warmup_epochs": 0},
+        "pilot": {"lr": 0.3, "warmup_epochs": 1, "alpha": 5e-4, "beta": 1.0, "factor": 1.00329,
+                  "alpha_update": "step", "sparsity_signal": "effective-density", "threshold": 0.1},
+        "spred": {"lr": 0.3, "warmup_epochs": 1, "alpha": 6.7e-4, "beta": 0.0},
+        "lasso": {"lr": 0.1, "warmup_epochs": 0, "lasso_lambda": 3e-3},
+        "str": {"lr": 0.3, "warmup_epochs": 1, "str_weight_decay": 2e-2},
+    }),
+    "cifar10": (("--data", "cifar10"), ("resnet20", 30, True, 20), {
+        "dense": {"lr": 0.1, "warmup_epochs": 1},
+        "pilot": {"lr": 0.1, "warmup_epochs": 1, "alpha": 1.3e-3, "beta": 1.0, "factor": 1.2247,
+                  "alpha_update": "epoch", "sparsity_signal": "effective-density", "threshold": 0.3},
+        "spred": {"lr": 0.1, "warmup_epochs": 1, "alpha": 2.2e-3, "beta": 0.0},
+        "lasso": {"lr": 0.1, "warmup_epochs": 1, "lasso_lambda": 1.8e-3},
+        "str": {"lr": 0.1, "warmup_epochs": 1, "str_weight_decay": 2.1e-3},
+    }),
 }
 
 
-@pytest.mark.parametrize("method", sorted(FASHION_MNIST_SELECTION))
-def test_fashion_mnist_defaults_are_each_methods_selection(method: str) -> None:
-    config, explicit = parse_config(["--method", method])
-    assert (config.data, config.epochs, config.augment, config.bn_recalibration) == ("fashion-mnist", 10, False, 0)
-    for key, value in FASHION_MNIST_SELECTION[method].items():
+@pytest.mark.parametrize("data, method", [(data, method) for data, (_, _, methods) in SELECTIONS.items()
+                                          for method in sorted(methods)])
+def test_defaults_are_each_methods_selection(data: str, method: str) -> None:
+    arguments, setting, methods = SELECTIONS[data]
+    config, explicit = parse_config([*arguments, "--method", method])
+    assert (config.data, config.model, config.epochs, config.augment, config.bn_recalibration) == (data, *setting)
+    for key, value in methods[method].items():
         assert getattr(config, key) == value, key
-    assert explicit == {"method"}
-
-
-# The CIFAR-10 transfer of docs/results.md ("The final budget F"): the S selections divided by 5.6, pilot's alpha0
-# rescaled once to S's integral, written out independently.
-CIFAR10_TRANSFER = {
-    "dense": {"lr": 0.1, "warmup_epochs": 1},
-    "pilot": {"lr": 0.1, "warmup_epochs": 1, "alpha": 1.3e-3, "beta": 1.0, "factor": 1.2247, "alpha_update": "epoch",
-              "sparsity_signal": "effective-density", "threshold": 0.3},
-    "spred": {"lr": 0.1, "warmup_epochs": 1, "alpha": 2.2e-3, "beta": 0.0},
-    "lasso": {"lr": 0.1, "warmup_epochs": 1, "lasso_lambda": 1.8e-3},
-    "str": {"lr": 0.1, "warmup_epochs": 1, "str_weight_decay": 2.1e-3},
-}
-
-
-@pytest.mark.parametrize("method", sorted(CIFAR10_TRANSFER))
-def test_cifar10_defaults_are_each_methods_transferred_selection(method: str) -> None:
-    config, _ = parse_config(["--data", "cifar10", "--method", method])
-    assert (config.model, config.epochs, config.augment, config.bn_recalibration) == ("resnet20", 30, True, 20)
-    for key, value in CIFAR10_TRANSFER[method].items():
-        assert getattr(config, key) == value, key
+    assert explicit == {"method", *(["data"] if arguments else [])}
 
 
 def test_per_method_recipe_values_cover_the_methods_they_apply_to() -> None:
