@@ -31,6 +31,13 @@ def is_non_overlapping_and_dense(t: Tensor) -> bool:
     return True
 
 
+def same_memory_order(shape: tuple[int, ...], strides: tuple[int, ...], others: tuple[int, ...]) -> bool:
+    """Whether two tensors of ``shape`` with these strides lay their elements out in the same order, as autograd
+    compares layouts: the stride of a dimension of size 1 never moves an element (a 1x1 conv weight is both
+    contiguous and channels_last, and its gradient may come back with either strides)."""
+    return all(a == b for a, b, size in zip(strides, others, shape) if size != 1)
+
+
 def flat(t: Tensor) -> Tensor:
     """1-D view of a non-overlapping, dense tensor in memory order."""
     return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
@@ -294,7 +301,7 @@ def refresh(bucket: Bucket, e: Entry, states: Any, groups: list[dict[str, Any]])
             for key in e.buffer_keys:
                 if state[key] is not None:
                     state[key].masked_fill_(changed, 0.0)
-    if e.stage is None and local_p.stride() != e.stride:
+    if e.stage is None and not same_memory_order(e.shape, local_p.stride(), e.stride):
         return True  # `.data` replaced by another memory layout (e.g. channels_last): state must follow
     if e.stage is None and e.views is not None:
         e.views = e.views._replace(x=flat(local_p).detach())  # the torch path steps the new tensor
@@ -374,7 +381,8 @@ def collect(bucket: Bucket) -> Work:
         if grad.layout is not strided:
             raise TypeError(f"FusedPILoTSGD does not support sparse gradients (parameter of shape "
                             f"{tuple(e.param.shape)} has a {grad.layout} gradient)")
-        if grad.stride() != e.stride:  # the step walks x and its gradient in the same memory order
+        strides = grad.stride()  # the step walks x and its gradient in the same memory order
+        if strides != e.stride and not same_memory_order(e.shape, strides, e.stride):
             grad = restride(e, grad)
         add_item((e, grad))
         add_pointer(e.x_ptr)

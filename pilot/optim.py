@@ -124,8 +124,8 @@ class FusedPILoTSGD(Optimizer):
     ``capturable``. lr and alpha reach the device at every step without a copy from the host (as kernel
     arguments, or from device tensors); the kernel's tables are uploaded, from pinned memory without blocking,
     only when what they hold changes (gradient addresses, which parameters have gradients, momentum, dampening,
-    weight_decay). A gradient whose strides differ from its parameter's is copied into a buffer laid out like
-    the parameter (with a warning). The torch path reads GradScaler's found_inf on the host.
+    weight_decay). A gradient whose strides differ from its parameter's (in a dimension of size > 1: autograd
+    ignores the others) is copied into a buffer laid out like the parameter (with a warning). The torch path reads GradScaler's found_inf on the host.
 
     Distributed: under DistributedDataParallel every rank applies the same step to the same averaged gradient,
     so the factors stay identical. FSDP2 (``fully_shard``) parameters are DTensors: the optimizer keeps factors

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import multiprocessing
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,36 @@ def test_gradients_of_any_layout_are_read_as_values(backend: str) -> None:
     assert len(warned) == len(odd)
     assert [g.stride() for g in odd] == [(1, 4), (2,), (1, 3), (0,)]
     assert_unchanged(models[1], optimizers[1], snapshot(models[0], optimizers[0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+def test_strides_of_size_1_dimensions_are_not_another_layout(backend: str, scaled: bool) -> None:
+    """A 1x1 conv weight is both contiguous and channels_last; autograd ignores the strides of its size-1 dimensions
+    and may hand back a channels_last weight's gradient contiguous, or `.data` may be replaced so. Same memory
+    order: read and stepped in place, without a copy, a warning or a new layout (an error after a capture)."""
+    weight = nn.Parameter(torch.randn(8, 4, 1, 1).to(memory_format=torch.channels_last))
+    twin = nn.Parameter(torch.empty(8, 4, 1, 1).copy_(weight))  # .contiguous() would keep weight's strides
+    assert weight.stride() == (4, 1, 4, 4) and twin.stride() == (4, 1, 1, 1)
+    optimizers = [FusedPILoTSGD([p], backend=backend, **OPTIONS) for p in (weight, twin)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(3):
+            grad = torch.randn(8, 4, 1, 1)
+            for p, optimizer in zip((weight, twin), optimizers):
+                p.grad = grad.clone()  # contiguous: weight's differs in size-1 dimensions only
+                if scaled:
+                    optimizer.grad_scale, optimizer.found_inf = torch.tensor([2.0]), torch.zeros(1)
+                address = p.grad.data_ptr()
+                optimizer.step()
+                assert p.grad.data_ptr() == address and torch.equal(p.grad, grad / 2 if scaled else grad)
+            if step == 1:
+                weight.data = torch.empty(8, 4, 1, 1).copy_(weight)  # the same order: the state stays put
+                layout = optimizers[0]._layout
+    assert optimizers[0]._layout is layout
+    assert all(e.grad_stage is None for _, bucket in buckets(optimizers[0]) for e in bucket.entries)
+    assert torch.equal(weight, twin)
+    assert torch.equal(optimizers[0].state[weight]["momentum_buffer_m"], optimizers[1].state[twin]["momentum_buffer_m"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
