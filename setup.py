@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=["pilot", "pilot.*", "pilot_kernels", "pilot_kernels.*"]),
     # The recipe files of python -m pilot.train --recipe NAME.
     package_data={"pilot.train": ["recipes/*.toml"]},
-    install_requires=["torch", "triton", "numpy"],
+    install_requires=["torch", "triton", "numpy", "safetensors"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "torchvision", "tqdm", "matplotlib", "pillow"],
         "train": ["torchvision", "tqdm", "matplotlib", "pillow"],

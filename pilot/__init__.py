@@ -8,6 +8,8 @@ from .pruning import (SparsityReport, apply_masks_, export_masks, export_sparse,
                       to_torch_prune)
 from .schedule import (AlphaScheduler, ConstantAlpha, GeometricAlpha, HarmonicAlpha, PILoTSchedule, QuadraticAlpha,
                        alpha_schedule)
+from .sparse_checkpoint import (SparseCheckpointError, dense_fp32_bytes, load_sparse, read_sparse_metadata,
+                                save_sparse)
 
 __all__ = [
     "FusedPILoTSGD", "factorise", "is_factorised", "is_prunable",
@@ -17,5 +19,6 @@ __all__ = [
     "spred_optimizer", "ProxSGD", "soft_threshold", "lasso_param_groups", "SoftThreshold", "to_str_model",
     "str_param_groups", "remove_str_",
     "IterativePruning", "PruningCycle",
+    "save_sparse", "load_sparse", "read_sparse_metadata", "dense_fp32_bytes", "SparseCheckpointError",
 ]
 __version__ = "0.1.0"
