@@ -10,6 +10,7 @@ from .schedule import (AlphaScheduler, ConstantAlpha, GeometricAlpha, HarmonicAl
                        alpha_schedule)
 from .sparse_checkpoint import (SparseCheckpointError, dense_fp32_bytes, load_sparse, read_sparse_metadata,
                                 save_sparse)
+from .sparse_inference import SparseInferenceModel, sparse_inference
 
 __all__ = [
     "FusedPILoTSGD", "factorise", "is_factorised", "is_prunable",
@@ -20,5 +21,6 @@ __all__ = [
     "str_param_groups", "remove_str_",
     "IterativePruning", "PruningCycle",
     "save_sparse", "load_sparse", "read_sparse_metadata", "dense_fp32_bytes", "SparseCheckpointError",
+    "sparse_inference", "SparseInferenceModel",
 ]
 __version__ = "0.1.0"
