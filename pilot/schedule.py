@@ -7,6 +7,9 @@ state dict carries the current alphas.
 
 - :class:`PILoTSchedule`: the paper's dynamic schedule (Algorithm 1), driven by the training accuracy and a
   sparsity signal (the paper's L1 norm, or :func:`effective_density`, which BatchNorm cannot fool).
+- :class:`SparsityTarget`: steers a strength (pilot's alpha, spred's, LASSO's lambda, STR's threshold decay) so
+  that the measured density follows a :class:`SparsityCourse` to the sparsity the user asks for, at any length of
+  training; :func:`sparsity_target` builds it for a :class:`pilot.FusedPILoTSGD`.
 - :class:`ConstantAlpha`, :class:`HarmonicAlpha`, :class:`QuadraticAlpha`, :class:`GeometricAlpha`: the fixed
   schedules of the paper's diagonal-network experiment, :math:`\alpha_k = \alpha_0 \cdot f(k)` after k calls of
   ``step()``; :func:`alpha_schedule` builds one by name.
@@ -19,7 +22,7 @@ removes the explicit shrinkage :math:`-2\alpha_t x`, so the limit is unbiased.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -29,7 +32,7 @@ from .checks import check_number
 from .pruning import prunable_parameters
 from .sharding import whole
 
-__all__ = ["PILoTSchedule", "SIGNALS", "effective_density", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha",
+__all__ = ["PILoTSchedule", "SIGNALS", "SparsityCourse", "SparsityTarget", "sparsity_target", "COURSE", "effective_density", "AlphaScheduler", "ConstantAlpha", "HarmonicAlpha",
            "QuadraticAlpha", "GeometricAlpha", "ALPHA_SCHEDULES", "alpha_schedule", "factorised_groups",
            "set_group_value"]
 
@@ -263,3 +266,174 @@ def alpha_schedule(name: str, optimizer: Optimizer, **options: Any) -> AlphaSche
     if name not in ALPHA_SCHEDULES:
         raise ValueError(f"Invalid schedule name: {name!r} (need one of {', '.join(ALPHA_SCHEDULES)})")
     return ALPHA_SCHEDULES[name](optimizer, **options)
+
+
+# ---------------------------------------------------------------------------------------------- sparsity on demand
+
+# Where the planned course runs, as fractions of training: dense for the first tenth (the weights leave their
+# random init first), down to the target by 70%, so the last 30% train the survivors at the final sparsity.
+COURSE = (0.1, 0.7)
+
+
+class SparsityCourse:
+    r"""The planned density of a run that ends at ``sparsity`` S: with :math:`\tau` = step / total,
+
+    .. math:: p(\tau) = (1 - S) + S\,\bigl(1 - \operatorname{clip}(\tfrac{\tau - \tau_0}{\tau_1 - \tau_0}, 0, 1)
+        \bigr)^3
+
+    Zhu & Gupta's (2017) cubic: 1 until :math:`\tau_0` = ``start``, fast early (the many small weights go first),
+    slow near :math:`\tau_1` = ``end``, and 1 - S from there on. Gradual magnitude pruning prunes to 1 - p;
+    :class:`SparsityTarget` steers a regularisation so that the measured density follows p.
+    """
+
+    def __init__(self, sparsity: float, total: int, start: float = COURSE[0], end: float = COURSE[1]) -> None:
+        check_number("sparsity", sparsity)
+        if not 0 < sparsity < 1:
+            raise ValueError(f"Invalid sparsity value: {sparsity!r} (need 0 < sparsity < 1)")
+        if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+            raise ValueError(f"Invalid total value: {total!r} (need an int > 0, the number of optimizer steps)")
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"Invalid course: start {start!r}, end {end!r} (need 0 <= start < end <= 1, fractions "
+                             "of training)")
+        self.sparsity, self.total, self.start, self.end = float(sparsity), total, float(start), float(end)
+
+    def progress(self, step: int) -> float:
+        """Where ``step`` lies in the course: 0 before its start, 1 at its end and after."""
+        return min(1.0, max(0.0, (step / self.total - self.start) / (self.end - self.start)))
+
+    def density(self, step: int) -> float:
+        """The planned density after ``step`` optimizer steps."""
+        return (1.0 - self.sparsity) + self.sparsity * (1.0 - self.progress(step)) ** 3
+
+
+class SparsityTarget:
+    r"""Steers a regularisation strength so that the trained model reaches ``course.sparsity``, at any length of
+    training, batch size or learning rate: a multiplicative controller on the strength, one :meth:`step` per
+    optimizer step.
+
+    Every ``interval`` steps it measures the density d (``measure``) and compares it with the course's plan p:
+
+    .. math::
+        u = \operatorname{clip}\Bigl(\frac{\ln(d / p)}{\ln(1 + \text{band})}, -1, 1\Bigr), \qquad
+        s \leftarrow s \cdot 10^{\,u \cdot \text{interval} / (\text{span} \cdot \text{total})}
+
+    for every strength s: proportional in the log of the error within ``band`` of the plan, and at most a factor
+    of 10 per ``span`` of training outside it (the default, a quarter, is about as fast as Algorithm 1's factor
+    moved alpha in the 30-epoch CIFAR-10 recipe). Rates are fractions of training, so one setting serves every
+    budget. The controller corrects the strength; it cannot find its scale from nothing in time, since the density
+    answers late (under BatchNorm, weights first shrink as a whole, which leaves the density unchanged). Start it
+    where a constant strength s0 would accumulate the regularisation integral :math:`\sum_k \text{lr}_k s_0` that
+    sparsified a run before (that integral, not s0, carries across budgets: ``python -m pilot.train`` does so).
+    Strengths stay within ``limits`` times their initial value: growth beyond 10x means the start was far off.
+
+    pilot's extension of Algorithm 1 (``accuracy_rule=True, release=True``):
+
+    - the accuracy rule: the strength grows only while the last epoch's training accuracy (:meth:`end_epoch`) was
+      not below the one before (Algorithm 1's condition; the first epoch compares with 0);
+    - the release: once the course has ended, the strength decays tenfold per ``release_span`` of training while
+      the density stays within ``band`` of 1 - S, so the shrinkage vanishes (alpha -> 0, as in Algorithm 1's second
+      half) and the survivors recover; it is steered up again only if the density leaves the band.
+
+    Without them (spred's constant alpha, LASSO, STR) the strength is held on the plan to the end.
+
+    Args:
+        optimizer: whose ``groups`` (indices into ``param_groups``) hold the strength under ``key``.
+        course: the :class:`SparsityCourse` to follow.
+        measure: the density of the weights as they are now (in [0, 1]).
+        key, groups: the strength: ``param_groups[i][key]`` for i in ``groups``.
+        interval: optimizer steps between measurements (default: about 1,000 over training).
+    """
+
+    def __init__(self, optimizer: Optimizer, course: SparsityCourse, measure: Callable[[], float], *, key: str,
+                 groups: Sequence[int], accuracy_rule: bool = False, release: bool = False, span: float = 0.25,
+                 release_span: float = 0.05, band: float = 0.1, limits: tuple[float, float] = (1e-6, 10.0), interval: Optional[int] = None
+                 ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not groups or any(not 0 <= i < len(optimizer.param_groups) for i in groups):
+            raise ValueError(f"Invalid groups value: {list(groups)!r} (need indices of the optimizer's "
+                             f"{len(optimizer.param_groups)} param groups)")
+        for i in groups:
+            check_number(f"param_groups[{i}][{key!r}]", optimizer.param_groups[i].get(key))
+            if float(optimizer.param_groups[i][key]) <= 0:
+                raise ValueError(f"Invalid param_groups[{i}][{key!r}] value: 0 (a multiplicative controller needs "
+                                 "a strength > 0 to start from)")
+        for name, value in (("span", span), ("release_span", release_span), ("band", band)):
+            check_number(name, value)
+            if value <= 0:
+                raise ValueError(f"Invalid {name} value: {value!r} (need a number > 0)")
+        if not 0 < limits[0] <= 1 <= limits[1]:
+            raise ValueError(f"Invalid limits value: {limits!r} (need 0 < limits[0] <= 1 <= limits[1])")
+        self.optimizer, self.course, self.measure = optimizer, course, measure
+        self.key, self.groups = key, list(groups)
+        self.accuracy_rule, self.release = bool(accuracy_rule), bool(release)
+        self.span, self.release_span, self.band = float(span), float(release_span), float(band)
+        self.limits = (float(limits[0]), float(limits[1]))
+        self.interval = interval if interval is not None else max(1, course.total // 1000)
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval <= 0:
+            raise ValueError(f"Invalid interval value: {interval!r} (need an int > 0)")
+        self.initial = [float(optimizer.param_groups[i][key]) for i in self.groups]
+        self.k = 0
+        self.last_density: Optional[float] = None
+        self.previous_accuracy = 0.0
+        self.may_grow = True
+
+    def strengths(self) -> list[float]:
+        return [float(self.optimizer.param_groups[i][self.key]) for i in self.groups]
+
+    def end_epoch(self, train_accuracy: float) -> None:
+        """Algorithm 1's accuracy condition, for the next epoch (used with ``accuracy_rule``)."""
+        if isinstance(train_accuracy, bool) or not isinstance(train_accuracy, (int, float)) \
+                or math.isnan(train_accuracy):
+            raise ValueError(f"Invalid train_accuracy value: {train_accuracy!r} (need a number)")
+        self.may_grow = train_accuracy >= self.previous_accuracy
+        self.previous_accuracy = float(train_accuracy)
+
+    def step(self) -> list[float]:
+        """After each optimizer step: every ``interval`` steps, measure and move the strengths; returns them."""
+        self.k += 1
+        if self.k % self.interval:
+            return self.strengths()
+        self.last_density = density = float(self.measure())
+        plan = self.course.density(self.k)
+        exponent = self.control(density, plan) / self.span
+        if self.release and self.course.progress(self.k) >= 1 and density <= (1 + self.band) * plan:
+            exponent = -1.0 / self.release_span
+        elif self.accuracy_rule and not self.may_grow:
+            exponent = min(exponent, 0.0)
+        scale = 10.0 ** (exponent * self.interval / self.course.total)
+        for i, initial in zip(self.groups, self.initial):
+            value = min(max(float(self.optimizer.param_groups[i][self.key]) * scale, initial * self.limits[0]),
+                        initial * self.limits[1])
+            set_group_value(self.optimizer.param_groups[i], self.key, value)
+        return self.strengths()
+
+    def control(self, density: float, plan: float) -> float:
+        """u in [-1, 1]: how hard to push, from the measured and the planned density."""
+        if density <= 0:
+            return -1.0
+        return max(-1.0, min(1.0, math.log(density / plan) / math.log1p(self.band)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's own state (the strengths themselves are in the optimizer's state dict)."""
+        return {"k": self.k, "last_density": self.last_density, "previous_accuracy": self.previous_accuracy,
+                "may_grow": self.may_grow, "initial": list(self.initial)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.k, self.last_density = state_dict["k"], state_dict["last_density"]
+        self.previous_accuracy, self.may_grow = state_dict["previous_accuracy"], state_dict["may_grow"]
+        self.initial = list(state_dict["initial"])
+
+
+def sparsity_target(optimizer: Optimizer, sparsity: float, total: int, *, algorithm1: bool = True,
+                    **options: Any) -> SparsityTarget:
+    """A :class:`SparsityTarget` on the alphas of a :class:`pilot.FusedPILoTSGD`, measured by the
+    :func:`effective_density` of its factorised weights: pilot's rule (accuracy rule and release) with
+    ``algorithm1``, else alpha held on the plan (spred). ``total``: the optimizer steps of training; ``options``
+    go to :class:`SparsityTarget` (``start`` and ``end`` to the course)."""
+    course = SparsityCourse(sparsity, total, **{key: options.pop(key) for key in ("start", "end") if key in options})
+    groups = [i for i, group in enumerate(optimizer.param_groups)
+              if any(is_factorised(optimizer, p) for p in group["params"])]
+    factorised_groups(optimizer)  # raises the clear error when there is none
+    return SparsityTarget(optimizer, course, lambda: effective_density(prunable_parameters(optimizer)[0]),
+                          key="alpha", groups=groups, accuracy_rule=algorithm1, release=algorithm1, **options)
