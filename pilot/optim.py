@@ -179,6 +179,8 @@ class FusedPILoTSGD(Optimizer):
             check_group(group)
             check_params(group, len(self.param_groups) - 1, lambda p: self._factorises(p, group),
                          self._capturable_problem)
+            for device in {local(p).device for p in group["params"]}:
+                self._path_for(device)  # raises before any parameter is overwritten with m0 * w0
             check_no_shared_memory([p for g in self.param_groups for p in g["params"]])
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -205,10 +207,15 @@ class FusedPILoTSGD(Optimizer):
         backend = self._backend
         if backend == "auto":
             use_triton = device.type == "cuda" or (device.type == "cpu" and KERNELS_INTERPRETED)
-            return "triton" if use_triton else "compile"
+            backend = "triton" if use_triton else "compile"
         if backend == "triton" and device.type == "cpu" and not KERNELS_INTERPRETED:
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before pilot_kernels is "
                              "imported; use backend='auto' or 'compile' for the CPU path")
+        if backend == "triton" and device.type != "cpu" and KERNELS_INTERPRETED:
+            # The interpreter runs the kernel on the host and would dereference the tables' device addresses
+            raise ValueError(f"parameters on {device}: TRITON_INTERPRET=1 was set when pilot_kernels was imported, "
+                             "and Triton's interpreter can only step CPU tensors; unset TRITON_INTERPRET to train on "
+                             "the GPU (or pass backend='compile' or 'eager')")
         return backend
 
     def _capturable_problem(self, device: torch.device) -> str:

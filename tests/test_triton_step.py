@@ -257,3 +257,14 @@ def test_a_capturable_checkpoint_loads_as_numbers() -> None:
     group = optimizer.param_groups[0]
     assert (group["lr"], group["alpha"]) == (pytest.approx(0.05), pytest.approx(1e-2))
     assert not isinstance(group["lr"], torch.Tensor) and not isinstance(group["alpha"], torch.Tensor)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_cuda_parameters_are_refused_when_the_kernel_is_interpreted(backend: str) -> None:
+    """TRITON_INTERPRET=1 (as in this suite): the interpreter runs the kernel on the host, where the tables' CUDA
+    addresses would be dereferenced (a segfault). The path is chosen per device when the state is laid out; there
+    is no CUDA device here, so the choice is asked for directly."""
+    optimizer = FusedPILoTSGD([nn.Parameter(torch.randn(3))], backend=backend)
+    with pytest.raises(ValueError, match="on cuda:0: TRITON_INTERPRET=1.*unset TRITON_INTERPRET"):
+        optimizer._path_for(torch.device("cuda", 0))
+    assert FusedPILoTSGD([nn.Parameter(torch.randn(3))], backend="compile")._path_for(torch.device("cuda")) == "compile"
