@@ -5,8 +5,9 @@ The file is safetensors. Each tensor of the state dict is stored in the smallest
 :mod:`pilot.sparse_encoding`: as it is (``dense``: BatchNorm statistics, biases, anything without zeros), or as
 its non-zero values (``<name>#values``) and an index (``<name>#index``: one bit per entry, or the gaps between
 non-zeros as uint8 / uint16). For a weight of density d in fp32 that is :math:`4d + \min(1/8, d)` bytes per entry
-instead of 4 (plus stored zeros where a gap is longer than 255, rare above 1% density), so at 95% sparsity the
-pruned weights take 0.0625x their dense size and at 98% 0.025x; what is stored dense adds its own size.
+instead of 4 (plus a stored zero every 256 positions of a longer gap in uint8: 8% more entries at 1% density,
+0.6% at 2%; uint16 or the bitmask wins where that costs more), so at 95% sparsity the pruned weights take
+0.0625x their dense size and at 98% 0.025x; what is stored dense adds its own size.
 
 The safetensors metadata (all strings) holds ``format`` ("pilot.sparse"), ``format_version``, ``pilot_version``,
 ``model``, ``method``, ``sparsity`` (the fraction of exact zeros among the prunable weights, as
@@ -51,14 +52,14 @@ def save_sparse(model: nn.Module, path: PathLike, *, model_name: Optional[str] =
     ``model_name`` (default: the class name) and ``method`` (how it was sparsified) go into the metadata with the
     measured sparsity and the pilot version; ``metadata`` adds more string entries. Returns the metadata written.
     """
-    import pilot
+    import pilot  # for pilot.__version__; pilot/__init__.py imports this module, so not at the top
 
     given = dict(metadata or {})
     clash = sorted(set(given) & set(REQUIRED_METADATA))
     if clash:
         raise ValueError(f"metadata may not set {', '.join(clash)}: save_sparse writes those itself "
                          "(pass model_name= and method= instead)")
-    wrong = sorted(key for key, value in given.items() if not isinstance(key, str) or not isinstance(value, str))
+    wrong = [key for key, value in given.items() if not isinstance(key, str) or not isinstance(value, str)]
     if wrong:
         raise TypeError(f"metadata must map str to str (safetensors stores strings); not so for {wrong}")
     tensors: dict[str, Tensor] = {}
