@@ -185,4 +185,6 @@ class TorchStep:
                     e.views.x.copy_(updated)
                     if scale is not None:  # torch's kernel unscaled the fp32 copy of the gradient
                         g.copy_(unscaled)
+            else:  # torch's fused kernel does not bump the versions of what it writes: autograd must see it
+                torch.autograd.graph.increment_version(params + (grads if scale is not None else []))
         return True

@@ -95,7 +95,7 @@ class TritonStep:
     new buckets); a block table per set of stepped tensors (by their sizes, at most ``BLOCK_TABLES_KEPT``); the
     hyper table, keyed on its host part (lr and alpha are written on the device)."""
 
-    bumps_versions = False  # the kernel writes through raw pointers (in Triton's interpreter too)
+    bumps_versions = True  # by hand: the kernel writes through raw pointers, which autograd does not see
 
     def __init__(self, device: torch.device, capturable: bool) -> None:
         self.device, self.capturable = device, capturable
@@ -132,6 +132,12 @@ class TritonStep:
                 *tables, bucket.factors, bucket.buffers if bucket.buffers.numel() else bucket.factors,
                 bucket.l1_slots, bucket.nnz_slots, bucket.started, bucket.dtype,
                 grad_scale=_on(args.grad_scale, device), found_inf=_on(args.found_inf, device))
+        # As torch.optim's in-place updates do, so that autograd catches a parameter (or an unscaled gradient)
+        # saved for a backward that runs after the step. A staged parameter is bumped by its copy back.
+        written = [e.local() for e, _ in work.items if e.stage is None]
+        if args.grad_scale is not None:
+            written += [grad for _, grad in work.items]
+        torch.autograd.graph.increment_version(written)
         return True
 
     def _build_tensor_table(self, key: tuple[int, ...], work: list[tuple[Entry, Tensor]],

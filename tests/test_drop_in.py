@@ -199,6 +199,27 @@ def test_kernel_rounds_factors_like_sgd_on_the_factors(fused_multiply_add: None,
     pair.assert_close(rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------- 6. autograd sees the step's writes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_stepped_after_being_saved_for_backward_is_caught_like_sgd(backend: str) -> None:
+    """torch.optim's in-place updates bump the parameters' version counters, so a backward through a graph that
+    saved a parameter before the step raises instead of using the new value; the kernel writes through raw pointers
+    and bumps them by hand. A factorised weight, a plain bias and a plain parameter with gaps (stepped in a copy)."""
+    for make in (lambda ps: torch.optim.SGD(ps, lr=0.1),
+                 lambda ps: FusedPILoTSGD(ps, lr=0.1, alpha=1e-2, backend=backend)):
+        params = [nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3, 2)[:, 0])]
+        optimizer = make(params)
+        for index, p in enumerate(params):
+            loss = (p * p).sum()  # p saved for backward
+            for q in params:
+                q.grad = torch.ones_like(q) if q is p else None
+            optimizer.step()
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+
+
 # ---------------------------------------------------------------- 4. foreach= and fused=, as users pass them to SGD
 
 
