@@ -187,20 +187,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     entries = results["configurations"]
-    labels = [f"{e['model']}\n{e['sparsity']:.0%} b{e['batch_size']}" for e in entries]
-    figure, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(entries) + 3), 4.5), squeeze=False)
-    for axis, key, title in ((axes[0][0], "speedup", "speed-up: dense time / sparse time"),
-                             (axes[0][1], "memory_ratio", "peak memory: sparse / dense")):
+    labels = [f"{e['model']} {e['sparsity']:.0%} b{e['batch_size']}" for e in entries]
+    figure, axes = plt.subplots(1, 2, figsize=(max(8.0, 0.9 * len(entries) + 4), 5), squeeze=False)
+    for axis, key, title, better, tie in ((axes[0][0], "speedup", "speed-up: dense time / sparse time", 1, TIE),
+                                          (axes[0][1], "memory_ratio", "peak memory: sparse / dense", -1,
+                                           MEMORY_TIE)):
         stats = [e[key] for e in entries]
-        colours = ["C2" if (s.median >= 1) == (key == "speedup") else "C3" for s in stats]
+        colours = ["grey" if abs(s.median - 1) <= tie else "C2" if (s.median - 1) * better > 0 else "C3"
+                   for s in stats]
         axis.bar(range(len(entries)), [s.median for s in stats], color=colours,
                  yerr=[[s.median - s.min for s in stats], [s.max - s.median for s in stats]], capsize=2)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_yscale("log")
-        axis.set_xticks(range(len(entries)), labels, fontsize=7)
-        axis.set_title(f"{title} (green: sparse better)")
+        for ticks in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+            ticks(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.6, 2, 3 rather than 6x10^-1, 2x10^0
+        axis.set_xticks(range(len(entries)), labels, fontsize=7, rotation=35, ha="right")
+        axis.set_title(f"{title}\n(green: sparse better, red: worse, grey: within {tie:.0%})", fontsize=9)
     figure.suptitle(f"pilot sparse inference: {results['environment']['device_name']}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
