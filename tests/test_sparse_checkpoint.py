@@ -200,7 +200,7 @@ def test_damaged_index_or_layout_is_refused(saved: Path) -> None:
     assert_refused(rewrite(saved, lambda tensors, metadata: metadata.update(layout="{")), model, "layout is damaged")
 
 
-# ------------------------------------------------------------------------------------------------ python -m pilot.export
+# ------------------------------------------------------------------------------------------ python -m pilot.export
 
 
 def write_run(directory: Path, sparsity: float = 0.95) -> nn.Module:
