@@ -74,6 +74,8 @@ def export_run(run_dir: Path, sparsity: float, out: Path) -> tuple[dict[str, str
     """Write the run's model pruned to ``sparsity`` to ``out`` as a sparse checkpoint and check that it loads back
     bit for bit; returns its metadata and :func:`pilot.dense_fp32_bytes` of the model, to compare its size with."""
     run_dir, out = Path(run_dir), Path(out)
+    if not out.parent.is_dir():
+        raise ExportError(f"--out {out}: the directory {out.parent} does not exist; create it or write elsewhere")
     config, pruned = _read_run(run_dir, sparsity)
     shape = {key: int(pruned[key]) for key in ("num_classes", "in_channels", "input_size")}
     model = build_model(pruned["model"], **shape)

@@ -237,6 +237,8 @@ def test_export_names_the_sparsities_a_run_has(tmp_path: Path, capsys: pytest.Ca
     assert "need a fraction in (0, 1)" in capsys.readouterr().err
     assert export_main([str(tmp_path / "nowhere"), "--sparsity", "0.95", "--out", str(tmp_path / "x")]) == 2
     assert "config.json is unreadable" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "run"), "--sparsity", "0.95", "--out", str(tmp_path / "no" / "x")]) == 2
+    assert "does not exist; create it" in capsys.readouterr().err
 
 
 def test_python_dash_m_pilot_export_runs(tmp_path: Path) -> None:
