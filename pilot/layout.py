@@ -56,10 +56,20 @@ class TorchViews(NamedTuple):
     nnz: Optional[Tensor]
 
 
+class GroupNumbers(NamedTuple):
+    """A parameter group's hyper-parameters that may be one-element tensors, as host numbers (read from a tensor
+    only when it changed: see ``FusedPILoTSGD._host_number``)."""
+
+    weight_decay: float
+    momentum: float
+    dampening: float
+
+
 class StepArgs(NamedTuple):
     """What one step() hands every bucket's backend."""
 
     groups: list[dict[str, Any]]  # the optimizer's param_groups
+    numbers: tuple[GroupNumbers, ...]  # per group
     hypers: tuple[pilot_kernels.HyperRow, ...]  # per group; lr and alpha 0: backends read them from ``groups``
     flags: tuple[int, ...]  # per group: its FLAG_MOMENTUM / FLAG_NESTEROV / FLAG_MAXIMIZE bits
     grad_scale: Optional[Tensor]  # from torch.amp.GradScaler
@@ -322,7 +332,8 @@ class Work(NamedTuple):
         return [e for e, _ in self.items] + self.empty
 
 
-def notice_outside_writes(layout: Layout, states: Any, groups: list[dict[str, Any]]) -> bool:
+def notice_outside_writes(layout: Layout, states: Any, groups: list[dict[str, Any]],
+                          numbers: tuple[GroupNumbers, ...]) -> bool:
     """Refresh the entries of parameters written outside the optimizer; True if the state must be laid out again
     (see :func:`refresh`, or a group switched momentum on and its buffers need storage)."""
     relayout = False
@@ -331,7 +342,7 @@ def notice_outside_writes(layout: Layout, states: Any, groups: list[dict[str, An
             x = local(e.param) if e.sharded else e.param
             if x.data_ptr() != e.data_ptr or x._version != e.version:
                 relayout |= refresh(bucket, e, states, groups)
-        if not bucket.buffers.numel() and any(float(groups[i]["momentum"]) != 0 for i in bucket.groups):
+        if not bucket.buffers.numel() and any(numbers[i].momentum != 0 for i in bucket.groups):
             relayout = True
     return relayout
 
@@ -420,7 +431,7 @@ def step_bucket(bucket: Bucket, work: Work, args: StepArgs) -> None:
                 original.copy_(grad)
     if bucket.pending_buffers:
         for e in work.stepped():
-            if e in bucket.pending_buffers and float(args.groups[e.group]["momentum"]) != 0:
+            if e in bucket.pending_buffers and args.numbers[e.group].momentum != 0:
                 expose_buffers(bucket, e, args.states[e.param])
                 bucket.pending_buffers.discard(e)
     for e in (work.stepped() if bucket.backend.bumps_versions else staged):

@@ -19,8 +19,8 @@ from pilot_kernels import KERNELS_INTERPRETED, HyperRow
 
 from .checks import check_bool_or_none, check_group, check_no_shared_memory, check_params
 from .factorisation import FACTOR_KEYS, PLAIN_KEYS, factorise, is_factorised_state, is_prunable
-from .layout import (Layout, StepArgs, collect, lay_out, notice_outside_writes, settle_momentum, step_bucket,
-                     telemetry)
+from .layout import (GroupNumbers, Layout, StepArgs, collect, lay_out, notice_outside_writes, settle_momentum,
+                     step_bucket, telemetry)
 from .sharding import local
 from .state_dict import complete_state_dict, loaded_state, pass_state_uncast
 from .torch_step import FactorisedStep, TorchStep
@@ -124,7 +124,8 @@ class FusedPILoTSGD(Optimizer):
     ``capturable``. lr and alpha reach the device at every step without a copy from the host (as kernel
     arguments, or from device tensors); the kernel's tables are uploaded, from pinned memory without blocking,
     only when what they hold changes (gradient addresses, which parameters have gradients, momentum, dampening,
-    weight_decay). A gradient whose strides differ from its parameter's (in a dimension of size > 1: autograd
+    weight_decay). momentum, dampening and weight_decay given as one-element tensors are read on the host when they
+    change (another tensor, or an in-place edit), not at every step. A gradient whose strides differ from its parameter's (in a dimension of size > 1: autograd
     ignores the others) is copied into a buffer laid out like the parameter (with a warning). The torch path reads GradScaler's found_inf on the host.
 
     Distributed: under DistributedDataParallel every rank applies the same step to the same averaged gradient,
@@ -157,6 +158,7 @@ class FusedPILoTSGD(Optimizer):
         self._capturable = capturable
         self._layout = Layout()
         self._captured = False  # a CUDA graph captured a step: it holds the addresses of the state's memory
+        self._host_numbers: dict[int, tuple[Tensor, int, float]] = {}  # see _host_number
         self._factorised_step: Optional[FactorisedStep] = None
         super().__init__(params, defaults)
         # torch.amp.GradScaler hands grad_scale / found_inf to step() instead of unscaling the gradients.
@@ -236,11 +238,12 @@ class FusedPILoTSGD(Optimizer):
         """(Re-)lay the state out in flat storage; buffers a skipped first step never filled are dropped first."""
         settle_momentum(self._layout.buckets, self.state)
         self._layout = lay_out(self, self._make_backend)
+        self._host_numbers = {}  # groups may have been replaced: drop the tensors read before
 
-    def _notice_outside_writes(self) -> None:
+    def _notice_outside_writes(self, numbers: tuple[GroupNumbers, ...]) -> None:
         """Factorise again what was written outside the optimizer, and lay the state out again where a parameter
         changed memory layout or a group switched momentum on (its buffers need storage)."""
-        if notice_outside_writes(self._layout, self.state, self.param_groups):
+        if notice_outside_writes(self._layout, self.state, self.param_groups, numbers):
             self._check_not_captured("a parameter replaced by one of another memory layout (or momentum switched on)")
             self._lay_out()
 
@@ -273,23 +276,42 @@ class FusedPILoTSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._notice_outside_writes()
+        numbers = self._group_numbers()
+        self._notice_outside_writes(numbers)
         groups = self.param_groups
-        args = StepArgs(groups, tuple(self._hyper_row(group) for group in groups),
-                        tuple(group_flags(group) for group in groups), getattr(self, "grad_scale", None),
-                        getattr(self, "found_inf", None), self.state)
+        args = StepArgs(groups, numbers, tuple(self._hyper_row(n) for n in numbers),
+                        tuple(group_flags(group, n.momentum) for group, n in zip(groups, numbers)),
+                        getattr(self, "grad_scale", None), getattr(self, "found_inf", None), self.state)
         for bucket in self._layout.buckets:
             work = collect(bucket)
             if work.items or work.empty:
                 step_bucket(bucket, work, args)
         return loss
 
+    def _group_numbers(self) -> tuple[GroupNumbers, ...]:
+        return tuple(GroupNumbers(*(self._host_number(group, key) for key in GroupNumbers._fields))
+                     for group in self.param_groups)
+
+    def _host_number(self, group: dict[str, Any], key: str) -> float:
+        """``group[key]`` as a host number. A one-element tensor (accepted, as torch.optim accepts them) is read,
+        which is a sync for a CUDA tensor, only when it is another tensor than the one read last or was changed in
+        place since (its version counter): not at every step. Edits through ``.data`` bypass the version counter
+        and go unseen; ``fill_`` them."""
+        value = group[key]
+        if not isinstance(value, Tensor):
+            return float(value)
+        cached = self._host_numbers.get(id(value))
+        if cached is None or cached[1] != value._version:
+            cached = (value, value._version, float(value))  # holding the tensor keeps its id from being reused
+            self._host_numbers[id(value)] = cached
+        return cached[2]
+
     @staticmethod
-    def _hyper_row(group: dict[str, Any]) -> HyperRow:
+    def _hyper_row(numbers: GroupNumbers) -> HyperRow:
         """The group's row of the hyper table but for lr and alpha, which change at every step under a schedule:
         the backends read them from the group (the Triton path writes them into the table on the device)."""
-        return HyperRow(lr=0.0, alpha=0.0, weight_decay=float(group["weight_decay"]),
-                        momentum=float(group["momentum"]), one_minus_dampening=1.0 - float(group["dampening"]))
+        return HyperRow(lr=0.0, alpha=0.0, weight_decay=numbers.weight_decay, momentum=numbers.momentum,
+                        one_minus_dampening=1.0 - numbers.dampening)
 
     # ------------------------------------------------------------------ telemetry
 
@@ -305,7 +327,7 @@ class FusedPILoTSGD(Optimizer):
 
     def _telemetry(self) -> tuple[float, int]:
         """(sum |x|, count of x != 0) over the factorised parameters; the shards of DTensors summed over ranks."""
-        self._notice_outside_writes()
+        self._notice_outside_writes(self._group_numbers())
         return telemetry(self._layout)
 
     # ------------------------------------------------------------------ checkpoints

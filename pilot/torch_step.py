@@ -170,15 +170,14 @@ class TorchStep:
                                      momentum, one_minus_dampening, sign, self.first_flags[first], nesterov, scale))
         self.factorised_step.run(factorised_calls)
         for (group_index, first), items in plain_batches.items():
-            group = args.groups[group_index]
+            group, numbers = args.groups[group_index], args.numbers[group_index]
             params = [e.views.x for e, _ in items]
             grads = [g for _, g in items]
             if bucket.dtype != torch.float32:  # torch's kernel wants buffers in the parameters' dtype: work in fp32
                 params, grads = [x.float() for x in params], [g.float() for g in grads]
-            buffers = [e.views.buffer for e, _ in items] if float(group["momentum"]) != 0 else []
-            torch._fused_sgd_(params, grads, buffers, weight_decay=float(group["weight_decay"]),
-                              momentum=float(group["momentum"]), lr=float(group["lr"]),
-                              dampening=float(group["dampening"]), nesterov=group["nesterov"],
+            buffers = [e.views.buffer for e, _ in items] if numbers.momentum != 0 else []
+            torch._fused_sgd_(params, grads, buffers, weight_decay=numbers.weight_decay, momentum=numbers.momentum,
+                              lr=float(group["lr"]), dampening=numbers.dampening, nesterov=group["nesterov"],
                               maximize=group["maximize"], is_first_step=first, grad_scale=scale)
             if bucket.dtype != torch.float32:
                 for (e, g), updated, unscaled in zip(items, params, grads):

@@ -29,9 +29,9 @@ SCHEDULED_COLUMNS = {key: kernel.HyperRow._fields.index(key) for key in ("lr", "
 BLOCK_TABLES_KEPT = 8
 
 
-def group_flags(group: dict[str, Any]) -> int:
-    """The FLAG_* bits a parameter group sets on its tensors' rows."""
-    return ((kernel.FLAG_MOMENTUM if group["momentum"] != 0 else 0) | (kernel.FLAG_NESTEROV if group["nesterov"] else 0)
+def group_flags(group: dict[str, Any], momentum: float) -> int:
+    """The FLAG_* bits a parameter group (with this momentum, as a host number) sets on its tensors' rows."""
+    return ((kernel.FLAG_MOMENTUM if momentum != 0 else 0) | (kernel.FLAG_NESTEROV if group["nesterov"] else 0)
             | (kernel.FLAG_MAXIMIZE if group["maximize"] else 0))
 
 

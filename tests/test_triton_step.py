@@ -268,3 +268,29 @@ def test_cuda_parameters_are_refused_when_the_kernel_is_interpreted(backend: str
     with pytest.raises(ValueError, match="on cuda:0: TRITON_INTERPRET=1.*unset TRITON_INTERPRET"):
         optimizer._path_for(torch.device("cuda", 0))
     assert FusedPILoTSGD([nn.Parameter(torch.randn(3))], backend="compile")._path_for(torch.device("cuda")) == "compile"
+
+
+def test_one_element_tensor_hyper_parameters_are_read_only_when_they_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """momentum, dampening and weight_decay may be one-element tensors, as torch.optim accepts them: the host reads
+    them (a sync for a CUDA tensor) at the first step and after an in-place change, not at every step."""
+    values = dict(momentum=0.9, dampening=0.1, weight_decay=1e-3)
+    tensors = {key: torch.tensor(value) for key, value in values.items()}
+    model = SmallCNN()
+    twin = copy.deepcopy(model)
+    optimizer = FusedPILoTSGD(model.parameters(), lr=0.05, alpha=1e-2, **tensors)
+    numbers = FusedPILoTSGD(twin.parameters(), lr=0.05, alpha=1e-2, **values)
+    for step in range(5):
+        for m, o in ((model, optimizer), (twin, numbers)):
+            o.zero_grad()
+            cnn_loss(step)(m).backward()
+        if step in (0, 3):  # the first step, and the first after the change below: read
+            optimizer.step()
+        else:
+            with no_host_reads(monkeypatch):
+                optimizer.step()
+        numbers.step()
+        if step == 2:
+            tensors["momentum"].fill_(0.5)
+            numbers.param_groups[0]["momentum"] = 0.5
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
