@@ -218,7 +218,9 @@ class TritonStep:
         stream = torch.cuda.current_stream(self.device)
         if stream == self.stream:
             return
-        storages = [*tables, bucket.factors, bucket.buffers, bucket.l1_slots, bucket.nnz_slots, bucket.started,
+        # Every kept block table, not only the current one: one made on the old stream may be picked again later
+        storages = [*tables, *self.block_tables.values(), bucket.factors, bucket.buffers, bucket.l1_slots,
+                    bucket.nnz_slots, bucket.started,
                     *(e.stage for e in bucket.staged),
                     *(e.grad_stage for e in bucket.entries if e.grad_stage is not None)]
         for storage in storages:

@@ -294,3 +294,24 @@ def test_one_element_tensor_hyper_parameters_are_read_only_when_they_change(monk
             numbers.param_groups[0]["momentum"] = 0.5
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_stream_switch_records_every_kept_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a switch of streams (a warm-up on a side stream, then the main one), every block table kept from the
+    old stream is recorded on the new one, not only the current: one may be picked again later, and its memory
+    must not go back to the old stream while the new stream's kernels may still read it. (On CPU tensors the
+    stream machinery is stood in for.)"""
+    params = [nn.Parameter(torch.randn(3, size)) for size in (1, 2)]
+    optimizer = FusedPILoTSGD(params, **OPTIONS)
+    for indices in ((0,), (1,), (0, 1)):  # three sets of parameters with gradients: three block tables
+        for index, p in enumerate(params):
+            p.grad = torch.ones_like(p) if index in indices else None
+        optimizer.step()
+    (_, bucket), = buckets(optimizer)
+    backend = bucket.backend
+    recorded: list[tuple[int, str]] = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "main")
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: recorded.append((t.data_ptr(), stream)))
+    backend._use_on_current_stream(bucket, [backend.tensor_table[1], backend.hyper_table[1], backend.block_table])
+    assert len(backend.block_tables) == 3
+    assert {(table.data_ptr(), "main") for table in backend.block_tables.values()} <= set(recorded)
