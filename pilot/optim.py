@@ -111,7 +111,9 @@ class FusedPILoTSGD(Optimizer):
     parameters' device (numbers are converted when a group is added or loaded) and are read on the device at
     every step, so schedulers must update them in place: torch's LR schedulers do (``fill_``); to edit them
     by hand, ``group["alpha"].fill_(value)``. Assigning a number to them later is a TypeError at the next step,
-    since a captured graph would never see it. Other hyper-parameters are host values baked into the tables.
+    since a captured graph would never see it. Other hyper-parameters are host numbers: one that changes (e.g.
+    OneCycleLR's momentum) is written into the table on the device, during capture too, and a captured graph
+    replays the value it captured, as torch's capturable optimizers do.
     Warm up a few steps before capturing (the first steps build the tables) and keep the gradients at fixed
     addresses during capture (``zero_grad(set_to_none=False)``): a table that has to change while the stream
     is capturing is a RuntimeError. Capturing a step with ``capturable=False`` is a RuntimeError, as with torch's
@@ -121,12 +123,14 @@ class FusedPILoTSGD(Optimizer):
     capturing.
 
     Host synchronisation: the Triton path never makes the host wait for the device, with or without
-    ``capturable``. lr and alpha reach the device at every step without a copy from the host (as kernel
-    arguments, or from device tensors); the kernel's tables are uploaded, from pinned memory without blocking,
-    only when what they hold changes (gradient addresses, which parameters have gradients, momentum, dampening,
-    weight_decay). momentum, dampening and weight_decay given as one-element tensors are read on the host when they
-    change (another tensor, or an in-place edit), not at every step. A gradient whose strides differ from its parameter's (in a dimension of size > 1: autograd
-    ignores the others) is copied into a buffer laid out like the parameter (with a warning). The torch path reads GradScaler's found_inf on the host.
+    ``capturable``. The kernel's tables are uploaded, from pinned memory without blocking, only when what they
+    hold changes: gradient addresses, which parameters have gradients, a group's hyper-parameters. Under a
+    per-step schedule a steady step is thus one launch and one small copy of the hyper table per (device, dtype);
+    with ``capturable=True`` the lr and alpha tensors are copied into it on the device instead. momentum,
+    dampening and weight_decay given as one-element tensors are read on the host when they change (another
+    tensor, or an in-place edit), not at every step. A gradient whose strides differ from its parameter's (in a
+    dimension of size > 1: autograd ignores the others) is copied into a buffer laid out like the parameter (with
+    a warning). The torch path reads GradScaler's found_inf on the host.
 
     Distributed: under DistributedDataParallel every rank applies the same step to the same averaged gradient,
     so the factors stay identical. FSDP2 (``fully_shard``) parameters are DTensors: the optimizer keeps factors

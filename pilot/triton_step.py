@@ -1,11 +1,11 @@
 """The Triton path of FusedPILoTSGD: one launch of ``pilot_kernels.pilot_sgd`` per bucket, and the kernel tables
 it builds on the host and keeps while they stay valid.
 
-A steady step (lr and alpha changing at every step, as LR schedules and PILoTSchedule change them) uploads no
-table and never makes the host wait for the device: lr and alpha are written into the hyper table on the device
-(see :meth:`TritonStep._write_scheduled`), and the other tables change only with what they hold. A table that
-does change (new gradient addresses, another set of parameters with gradients, other momentum / dampening /
-weight_decay) is copied from pinned memory without blocking the host (:func:`upload`).
+A step never makes the host wait for the device. A table is copied from pinned memory without blocking the host
+(:func:`upload`) only when what it holds changes: gradient addresses, the set of parameters with gradients, or a
+group's hyper-parameters (see :meth:`TritonStep._update_hyper_table`). So a steady step is one launch per bucket
+and, under a per-step schedule of lr and alpha as numbers (LR schedulers, PILoTSchedule), one small
+host-to-device copy of the hyper table; with capturable=True, one device copy of the lr and alpha tensors instead.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class TritonStep:
     """One bucket's step on the Triton kernel, and its tables: the tensor table, keyed on the addresses of x and
     of the gradients and on the groups' flags (the rest of a row is fixed by the layout, and a new layout makes
     new buckets); a block table per set of stepped tensors (by their sizes, at most ``BLOCK_TABLES_KEPT``); the
-    hyper table, keyed on its host part (lr and alpha are written on the device)."""
+    hyper table, keyed on the groups' host numbers (:meth:`_update_hyper_table`)."""
 
     bumps_versions = True  # by hand: the kernel writes through raw pointers, which autograd does not see
 
@@ -102,9 +102,8 @@ class TritonStep:
         self.tensor_table: tuple[tuple[int, ...], Optional[Tensor]] = ((), None)
         self.block_table: Optional[Tensor] = None  # of the entries in tensor_table
         self.block_tables: dict[tuple[int, ...], Tensor] = {}  # least recently used first
-        self.hyper_table: tuple[tuple[kernel.HyperRow, ...], Optional[Tensor]] = ((), None)
-        self.scheduled_cells: list[Tensor] = []  # 0-d views of hyper_table's lr and alpha, per group and column
-        self.scheduled_numbers: list[Optional[float]] = []  # the number each cell holds (None: not known)
+        self.hyper_table: tuple[list[kernel.HyperRow], Optional[Tensor]] = ([], None)  # see _update_hyper_table
+        self.cells: dict[tuple[int, int], Tensor] = {}  # 0-d views of hyper_table's cells, by (row, column)
         self.stream: Optional[torch.cuda.Stream] = None  # of the last launch outside graph capture
         self.captured_tables: list[Tensor] = []  # tables a CUDA graph may still read: never freed
 
@@ -167,48 +166,52 @@ class TritonStep:
         return table
 
     def _update_hyper_table(self, args: StepArgs) -> None:
-        """Upload the host part of the hyper table when it changed (with capturable=True into the same table, which
-        a captured graph keeps reading); then write lr and alpha into it."""
-        if self.hyper_table[0] != args.hypers:
-            table = self.hyper_table[1]
-            new = upload("hyper table", self.device, lambda: torch.tensor(args.hypers, dtype=kernel.HYPER_TABLE_DTYPE))
-            if self.capturable and table is not None and table.shape == new.shape:
-                table.copy_(new)
-                new = table
-            self.hyper_table = (args.hypers, new)
-            self.scheduled_cells = [new[row, column] for row in range(len(args.hypers))
-                                    for column in SCHEDULED_COLUMNS.values()]
-            self.scheduled_numbers = [None] * len(self.scheduled_cells)
-        self._write_scheduled(args.groups)
+        """The hyper table on the device, with this step's values.
 
-    def _write_scheduled(self, groups: list[dict[str, Any]]) -> None:
-        """Write each group's lr and alpha into the hyper table on the device, without a host-to-device copy or a
-        sync: a tensor (always, with capturable=True) is copied by the device at every step, so that a captured
-        graph reads its in-place edits; a number, only when it changed, as a scalar kernel argument."""
-        copy_into, copy_from, write_into, write_numbers = [], [], [], []
-        cell = 0
-        for index, group in enumerate(groups):
-            for key in SCHEDULED_COLUMNS:
+        Its rows are the groups' host numbers, lr and alpha included when they are numbers (0 where they are
+        tensors). Built once; when a number changes (lr and alpha under a per-step schedule, OneCycleLR's momentum)
+        a new table is uploaded, one pinned non-blocking copy and no kernel, or with capturable=True the changed
+        cells are written on the device, so that the table a captured graph reads stays where it is and nothing
+        is copied from the host during capture (a captured graph keeps the numbers it captured, as torch's
+        capturable optimizers do). lr and alpha tensors (always, with capturable=True) are copied into their cells
+        by the device at every step, so that a captured graph reads their in-place edits."""
+        rows, copies = [], []  # copies: (row, column, tensor)
+        for index, (row, group) in enumerate(zip(args.hypers, args.groups)):
+            numbers = {}
+            for key, column in SCHEDULED_COLUMNS.items():
                 value = group[key]
                 if isinstance(value, Tensor):
-                    copy_into.append(self.scheduled_cells[cell])
-                    copy_from.append(value.to(self.device, torch.float32, non_blocking=True).reshape(()))
-                    self.scheduled_numbers[cell] = None
+                    copies.append((index, column, value))
+                    numbers[key] = 0.0
                 elif self.capturable:
                     raise TypeError(
                         f"capturable=True: group {index}'s {key} was set to {type(value).__name__} {value!r}; "
                         f"update the tensor in place instead (group[{key!r}].fill_(value), as torch's LR "
                         "schedulers do), so that a captured CUDA graph sees the change")
-                elif value != self.scheduled_numbers[cell]:
-                    write_into.append(self.scheduled_cells[cell])
-                    write_numbers.append(float(value))
-                    self.scheduled_numbers[cell] = float(value)
-                cell += 1
-        if copy_into:
-            torch._foreach_copy_(copy_into, copy_from)
-        if write_into:  # torch has no foreach fill taking a list of numbers: zero, then add them
-            torch._foreach_zero_(write_into)
-            torch._foreach_add_(write_into, write_numbers)
+                else:
+                    numbers[key] = float(value)
+            rows.append(row._replace(**numbers))
+        old_rows, table = self.hyper_table
+        if table is None or (rows != old_rows and not self.capturable):
+            table = upload("hyper table", self.device, lambda: torch.tensor(rows, dtype=kernel.HYPER_TABLE_DTYPE))
+            self.cells = {}
+        elif rows != old_rows:
+            changed = [(r, c) for r, (new, old) in enumerate(zip(rows, old_rows))
+                       for c, (a, b) in enumerate(zip(new, old)) if a != b]
+            targets = [self._cell(table, r, c) for r, c in changed]
+            torch._foreach_zero_(targets)  # torch has no foreach fill taking a list of numbers: zero, then add them
+            torch._foreach_add_(targets, [rows[r][c] for r, c in changed])
+        self.hyper_table = (rows, table)
+        if copies:
+            torch._foreach_copy_([self._cell(table, r, c) for r, c, _ in copies],
+                                 [v.to(self.device, torch.float32, non_blocking=True).reshape(()) for *_, v in copies])
+
+    def _cell(self, table: Tensor, row: int, column: int) -> Tensor:
+        """A 0-d view of one cell of the hyper table, kept while the table is."""
+        cell = self.cells.get((row, column))
+        if cell is None:
+            cell = self.cells[(row, column)] = table[row, column]
+        return cell
 
     def _use_on_current_stream(self, bucket: Bucket, tables: list[Tensor]) -> None:
         """Tell the caching allocator that the current stream uses the tables and the bucket's storages, when it is

@@ -9,6 +9,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -107,12 +108,14 @@ def test_one_group_across_cpu_and_cuda() -> None:
 @in_subprocess
 def test_cuda_graph_capture_and_replay() -> None:
     """capturable=True: forward, backward and step captured in one CUDA graph; replays equal eager steps, and
-    lr / alpha edited in place between replays reach the captured step."""
+    lr (a LambdaLR, which fills the tensor in place) and alpha edited in place between replays reach the captured
+    step."""
     options = dict(lr=0.05, momentum=0.9, alpha=1e-2, weight_decay=1e-3, capturable=True)
     model = SmallCNN().cuda()
     eager_model = copy.deepcopy(model)
     optimizer = FusedPILoTSGD(model.parameters(), **options)
     eager = FusedPILoTSGD(eager_model.parameters(), **options)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.8 ** step) for o in (optimizer, eager)]
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 6, 6, generator=generator).cuda(),
                 torch.randint(0, 7, (8,), generator=generator).cuda()) for _ in range(8)]
@@ -135,8 +138,8 @@ def test_cuda_graph_capture_and_replay() -> None:
     with torch.cuda.graph(graph):
         train_step(model, optimizer, static_x, static_y)
     for step, (x, y) in enumerate(batches[3:]):
-        for o in (optimizer, eager):
-            o.param_groups[0]["lr"].fill_(0.05 * 0.8 ** step)
+        for o, scheduler in zip((optimizer, eager), schedulers):
+            scheduler.step()
             o.param_groups[0]["alpha"].fill_(1e-2 * 1.2 ** step)
         static_x.copy_(x)
         static_y.copy_(y)
@@ -169,8 +172,9 @@ def batch(seed: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("capturable", [False, True])
 def test_steady_step_never_syncs(capturable: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """lr (LambdaLR) and alpha change at every step, zero_grad(set_to_none=True) frees the gradients: after
-    warm-up a step makes no synchronising call and uploads no table but, where the allocator moved gradients,
-    the tensor table (pinned and non-blocking, which sync debug mode does not flag)."""
+    warm-up a step makes no synchronising call and uploads no table but the hyper table with the new numbers
+    (capturable=False) and, where the allocator moved gradients, the tensor table (pinned and non-blocking, which
+    sync debug mode does not flag)."""
     uploads: list[str] = []
     upload = triton_step.upload
     monkeypatch.setattr(triton_step, "upload", lambda table, *args: uploads.append(table) or upload(table, *args))
@@ -193,7 +197,8 @@ def test_steady_step_never_syncs(capturable: bool, monkeypatch: pytest.MonkeyPat
         finally:
             torch.cuda.set_sync_debug_mode("default")
         scheduler.step()
-    assert set(uploads) <= {"tensor table"}
+    scheduled = set() if capturable else {"hyper table"}
+    assert set(uploads) <= {"tensor table"} | scheduled
     for p in model.parameters():
         p.grad = p.grad.clone()  # new addresses: the tensor table is uploaded, pinned and non-blocking
     uploads.clear()
@@ -202,7 +207,7 @@ def test_steady_step_never_syncs(capturable: bool, monkeypatch: pytest.MonkeyPat
         optimizer.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert uploads == ["tensor table"]
+    assert sorted(uploads) == sorted(["tensor table", *scheduled])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -275,3 +280,51 @@ def test_after_a_capture_load_state_dict_raises() -> None:
         optimizer.load_state_dict(optimizer.state_dict())
     graph.replay()
     torch.cuda.synchronize()
+
+
+@in_subprocess
+def test_one_cycle_momentum_under_capture() -> None:
+    """OneCycleLR assigns a momentum number at every step: capturing such a step does not raise (the change is
+    written on the device, nothing is copied from the host), and the replays train."""
+    model = SmallCNN().cuda()
+    optimizer = FusedPILoTSGD(model.parameters(), capturable=True, **OPTIONS)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20)
+    static_x, static_y = batch(0)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(static_x), static_y).backward()
+        optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            train_step()
+            scheduler.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step()
+    for _ in range(5):
+        scheduler.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@in_subprocess
+def test_channels_last_1x1_convolutions_take_no_gradient_copies() -> None:
+    """cuDNN may return a channels_last 1x1 conv weight's gradient with contiguous strides (autograd ignores the
+    strides of size-1 dimensions): the same memory order, read in place, without a copy or a warning."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).cuda().to(memory_format=torch.channels_last)
+    optimizer = FusedPILoTSGD(model.parameters(), **OPTIONS)
+    x = torch.randn(8, 3, 6, 6, device="cuda").to(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    (_, bucket), = buckets(optimizer)
+    assert all(e.grad_stage is None for e in bucket.entries)

@@ -57,12 +57,13 @@ def grad_addresses(model: nn.Module) -> list[int]:
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("capturable", [False, True])
-def test_steady_step_under_a_per_step_schedule_uploads_nothing(
+def test_steady_step_under_a_per_step_schedule_uploads_only_what_changed(
         capturable: bool, set_to_none: bool, uploads: collections.Counter, monkeypatch: pytest.MonkeyPatch) -> None:
     """lr (LambdaLR, as pilot.train schedules it) and alpha change at every step: after the first step, a step
-    reads nothing on the host and uploads no table. Only the tensor table follows gradients that the allocator
-    moved (zero_grad(set_to_none=True) frees them; on CPU they tend to move at every step), one upload per step
-    where they moved."""
+    reads nothing on the host and uploads the hyper table with the new numbers (one small copy, no kernel) or, with
+    capturable=True, nothing (the device copies the lr and alpha tensors into it). The tensor table follows
+    gradients that the allocator moved (zero_grad(set_to_none=True) frees them; on CPU they tend to move at every
+    step), one upload per step where they moved."""
     model = SmallCNN()
     optimizer = FusedPILoTSGD(model.parameters(), capturable=capturable, **OPTIONS)
     host_model = copy.deepcopy(model)
@@ -90,7 +91,8 @@ def test_steady_step_under_a_per_step_schedule_uploads_nothing(
         host.step()
         for scheduler in schedulers:
             scheduler.step()
-    assert uploads == collections.Counter({"tensor table": moved} if moved else {})
+    expected = collections.Counter({"tensor table": moved, "hyper table": 0 if capturable else 4})
+    assert uploads == +expected
     assert set_to_none or not moved
     for p, q in zip(model.parameters(), host_model.parameters()):  # the new lr and alpha reached every step
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # the interpreter's fma rounds twice
@@ -186,9 +188,11 @@ def test_on_device_makes_a_cuda_device_current(monkeypatch: pytest.MonkeyPatch) 
 
 @contextlib.contextmanager
 def capture(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Pretend that the current CUDA stream is capturing a graph (on CPU tensors, nothing is captured)."""
+    """Pretend that the current CUDA stream is capturing a graph (on CPU tensors, nothing is captured): the
+    optimizer's check, and upload's, which refuses to copy a table from the host during capture."""
     with monkeypatch.context() as patch:
-        patch.setattr(pilot.optim, "capture_underway", lambda: True)
+        for module in (pilot.optim, triton_step):
+            patch.setattr(module, "capture_underway", lambda: True)
         yield
 
 
@@ -315,3 +319,27 @@ def test_a_stream_switch_records_every_kept_table(monkeypatch: pytest.MonkeyPatc
     backend._use_on_current_stream(bucket, [backend.tensor_table[1], backend.hyper_table[1], backend.block_table])
     assert len(backend.block_tables) == 3
     assert {(table.data_ptr(), "main") for table in backend.block_tables.values()} <= set(recorded)
+
+
+def test_one_cycle_momentum_reaches_the_table_without_an_upload_under_capture(
+        uploads: collections.Counter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OneCycleLR (and CyclicLR) assign a new momentum number at every step. Without capturable the hyper table is
+    uploaded anew, one copy and nothing else; with capturable=True the changed cells are written on the device, so
+    that a step captured in a CUDA graph does not raise (there is no copy from the host to capture), and training
+    equals the host path's."""
+    models = [SmallCNN() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [FusedPILoTSGD(m.parameters(), capturable=capturable, **OPTIONS)
+                  for m, capturable in zip(models, (False, True))]
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10) for o in optimizers]
+    for step in range(4):
+        if step == 1:
+            uploads.clear()
+        for model, optimizer, scheduler in zip(models, optimizers, schedulers):
+            with capture(monkeypatch) if optimizer._capturable and step == 3 else contextlib.nullcontext():
+                train_step(model, optimizer, step)
+            scheduler.step()
+    assert uploads == {"hyper table": 3}  # the host path's; the capturable one uploaded nothing
+    assert optimizers[1].param_groups[0]["momentum"] != optimizers[1].defaults["momentum"]
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
