@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from .factorisation import check_beta
-from .layout import is_non_overlapping_and_dense
 from .sharding import local
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,9 +54,8 @@ def check_group(group: dict[str, Any]) -> None:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-def check_params(group: dict[str, Any], group_index: int, factorises: Callable[[Tensor], bool],
-                 capturable_problem: Callable[[torch.device], str]) -> None:
-    """The parameters of a new group: dtype, device, memory layout. ``capturable_problem(device)`` says why
+def check_params(group: dict[str, Any], group_index: int, capturable_problem: Callable[[torch.device], str]) -> None:
+    """The parameters of a new group: dtype, device, kind. ``capturable_problem(device)`` says why
     capturable=True cannot work for tensors on that device ("" if it can)."""
     for index, p in enumerate(group["params"]):
         where = f"parameter {index} of group {group_index} (shape {tuple(p.shape)})"
@@ -73,10 +71,6 @@ def check_params(group: dict[str, Any], group_index: int, factorises: Callable[[
                              "are factorised")
         if local_p.is_sparse:
             raise ValueError(f"{where} is a sparse tensor; pass dense parameters")
-        if factorises(p) and not is_non_overlapping_and_dense(local_p):
-            raise ValueError(f"{where} is not a dense tensor (it overlaps or has gaps in memory), which a "
-                             "factorised parameter must be; pass the parameter itself, not a strided view "
-                             "(or put it in a group with reparam=False)")
         problem = capturable_problem(local_p.device)
         if problem:
             raise ValueError(f"capturable=True needs the Triton kernel, but {where} {problem}")

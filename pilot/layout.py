@@ -104,8 +104,8 @@ class Entry:
     buffer_offset: int = 0  # in bucket.buffers: b_m of a factorised parameter, b of a plain one
     buffer_w_offset: int = 0  # b_w
     slot: int = 0  # first telemetry / momentum_started slot (see Bucket)
-    # A plain parameter that is not dense in memory is stepped in this dense copy (the kernel and the torch path
-    # walk x in memory order), copied in before and back after each step; None for every other parameter.
+    # A parameter that is not dense in memory is stepped in this dense, contiguous copy (the kernel and the torch
+    # path walk x in memory order), copied in before and back after each step; None for every other parameter.
     stage: Optional[Tensor] = None
     # Where a gradient laid out unlike x is copied at each step (see restride): a fixed address, so that the
     # Triton path's tensor table stays valid; None until a gradient needs it.
@@ -168,7 +168,7 @@ def lay_out(optimizer: torch.optim.Optimizer, make_backend: Callable[[torch.devi
             entry = Entry(p, group_index, is_factorised(optimizer, p), tuple(local_p.shape), local_p.numel(),
                           telemetry_index[groups], is_dtensor(p))
             bucket = buckets[key]
-            if not is_non_overlapping_and_dense(local_p):  # only plain parameters can be (see checks.check_params)
+            if not is_non_overlapping_and_dense(local_p):
                 entry.stage = torch.empty(local_p.shape, dtype=local_p.dtype, device=local_p.device)
                 bucket.staged.append(entry)
             bucket.entries.append(entry)
@@ -244,7 +244,8 @@ def record(bucket: Bucket, e: Entry) -> None:
     e.x_ptr = e.stage.data_ptr() if e.stage is not None else e.data_ptr
     if not e.factorised or e.numel == 0:
         return
-    x = flat(local_p.detach()).float()
+    # in the order the step walks x: memory order, or a stage's, which is contiguous
+    x = (local_p.detach().reshape(-1) if e.stage is not None else flat(local_p.detach())).float()
     slots = bucket.backend.slots_of(e.numel)
     if slots > 1:
         x = torch.nn.functional.pad(x, (0, slots * pilot_kernels.pilot_sgd.BLOCK_SIZE - e.numel)).view(slots, -1)
@@ -293,9 +294,6 @@ def refresh(bucket: Bucket, e: Entry, states: Any, groups: list[dict[str, Any]])
             f"{local_p.dtype}, {tuple(local_p.shape)}; was {bucket.device}, {bucket.dtype}, {e.shape}); create the "
             "optimizer after moving or converting the model")
     if not is_non_overlapping_and_dense(local_p):
-        if e.factorised:
-            raise ValueError(f"a factorised parameter of shape {e.shape} was replaced by a tensor that is not "
-                             "dense; replace it by a dense one (e.g. .contiguous())")
         if e.stage is None:
             return True
     elif e.stage is not None:

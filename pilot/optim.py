@@ -97,8 +97,8 @@ class FusedPILoTSGD(Optimizer):
     interpreter rounds an fma's product and sum separately, so there results differ by about an ulp on a
     fraction of the elements. Factorised parameters: the kernel, likewise, against :mod:`pilot.reference`
     (SGD on the factors); the compiled torch path lets inductor round as it likes (close, not bit-exact).
-    Plain parameters may have gaps in memory (views such as ``t[..., 0]``): they are stepped in a dense copy,
-    written back after the step; factorised ones must be dense.
+    Parameters may have gaps in memory (views such as ``t[..., 0]``, as torch's own optimizer tests use): they are
+    stepped in a dense copy, written back after the step, and their state is contiguous.
 
     Mixed precision and ``torch.amp.GradScaler``: ``GradScaler.step(optimizer)`` hands the optimizer its scale
     and found-inf flag (``_step_supports_amp_scaling``); the kernel divides the gradients by the scale as it
@@ -183,8 +183,7 @@ class FusedPILoTSGD(Optimizer):
         group = self.param_groups[-1]
         try:
             check_group(group)
-            check_params(group, len(self.param_groups) - 1, lambda p: self._factorises(p, group),
-                         self._capturable_problem)
+            check_params(group, len(self.param_groups) - 1, self._capturable_problem)
             for device in {local(p).device for p in group["params"]}:
                 self._path_for(device)  # raises before any parameter is overwritten with m0 * w0
             check_no_shared_memory([p for g in self.param_groups for p in g["params"]])
