@@ -140,6 +140,7 @@ class Bucket:
         self.pending_buffers: set[Entry] = set()  # entries whose momentum buffers are not in their state yet
         self.factors = self.buffers = self.l1_slots = self.nnz_slots = self.started = torch.empty(0)
         self.slot_groups = torch.empty(0, dtype=torch.int64)
+        self.telemetry_indices: list[int] = []  # its entries' telemetry groups (indices into the layout's)
 
 
 @dataclass
@@ -235,6 +236,7 @@ def _allocate(bucket: Bucket, states: Any, groups: list[dict[str, Any]]) -> None
         record(bucket, e)
     bucket.started = started.to(device)
     bucket.slot_groups = slot_groups.to(device)
+    bucket.telemetry_indices = sorted({e.telemetry_group for e in bucket.entries})
 
 
 def record(bucket: Bucket, e: Entry) -> None:
@@ -270,16 +272,15 @@ def settle_momentum(buckets: list[Bucket], states: Any) -> None:
     runs only where the host state must be exact: before state dicts, pickling and re-laying the state.
     """
     for bucket in buckets:
-        started = None
-        for e in bucket.entries:
-            state = states[e.param]
-            if e.numel == 0 or state[e.buffer_keys[0]] is None:
-                continue
-            if started is None:
-                started = bucket.started.tolist()
-            if not started[e.slot]:
+        entries = [e for e in bucket.entries if e.numel and states[e.param][e.buffer_keys[0]] is not None]
+        if not entries:
+            continue
+        # each entry's first slot only (its blocks step together): not the whole array, a slot per 1024 elements
+        slots = torch.tensor([e.slot for e in entries], device=bucket.started.device)
+        for e, started in zip(entries, bucket.started[slots].tolist()):
+            if not started:
                 for key in e.buffer_keys:
-                    state[key] = None
+                    states[e.param][key] = None
                 bucket.pending_buffers.add(e)
 
 
@@ -353,10 +354,11 @@ def telemetry(layout: Layout) -> tuple[float, int]:
         if not bucket.l1_slots.numel():
             continue
         per_slot = torch.stack([bucket.l1_slots.double(), bucket.nnz_slots.double()], dim=1)
-        per_group = per_slot.new_zeros(len(sums), 2).index_add_(0, bucket.slot_groups, per_slot)
-        for index in range(len(sums)):
-            total = sums[index]
-            sums[index] = per_group[index] if total is None else total + per_group[index].to(total.device)
+        for index in bucket.telemetry_indices:  # sums in a fixed order (index_add_'s atomics vary in the last bits)
+            in_group = per_slot if len(bucket.telemetry_indices) == 1 else torch.where(
+                (bucket.slot_groups == index)[:, None], per_slot, 0)
+            total, part = sums[index], in_group.sum(dim=0)
+            sums[index] = part if total is None else total + part.to(total.device)
     l1, nonzero = 0.0, 0
     for (process_groups, device), total in zip(layout.telemetry_groups, sums):
         if total is None:  # no local slot (e.g. empty shards): a collective still needs this rank's zeros

@@ -269,12 +269,12 @@ class FusedPILoTSGD(Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss (run with gradients enabled).
         """
-        if capture_underway():  # as torch's optimizers check (Optimizer._cuda_graph_capture_health_check)
-            if not self._capturable:
-                raise RuntimeError(
-                    "Attempting CUDA graph capture of step() for an instance of FusedPILoTSGD but capturable is "
-                    "False: lr and alpha would be frozen into the graph. Create the optimizer with capturable=True")
-            self._captured = True
+        # As torch's optimizers check (Optimizer._cuda_graph_capture_health_check), on every device of the state
+        capturing = capture_underway([b.device for b in self._layout.buckets if b.device.type == "cuda"])
+        if capturing and not self._capturable:
+            raise RuntimeError(
+                "Attempting CUDA graph capture of step() for an instance of FusedPILoTSGD but capturable is "
+                "False: lr and alpha would be frozen into the graph. Create the optimizer with capturable=True")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -289,6 +289,8 @@ class FusedPILoTSGD(Optimizer):
             work = collect(bucket)
             if work.items or work.empty:
                 step_bucket(bucket, work, args)
+        if capturing:  # only a step that completed is in the graph (a capture that raised left nothing behind)
+            self._captured = True
         return loss
 
     def _group_numbers(self) -> tuple[GroupNumbers, ...]:

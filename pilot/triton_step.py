@@ -10,7 +10,7 @@ host-to-device copy of the hyper table; with capturable=True, one device copy of
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -59,9 +59,18 @@ def make_numbers(group: dict[str, Any]) -> None:
             group[key] = group[key].item()
 
 
-def capture_underway() -> bool:
-    """Whether the current CUDA stream (of the current device) is capturing a CUDA graph."""
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+def capture_underway(devices: Sequence[torch.device] = ()) -> bool:
+    """Whether the current CUDA stream of any of ``devices`` (CUDA devices; of the current device if none) is
+    capturing a CUDA graph."""
+    if not torch.cuda.is_initialized():
+        return False
+    if not devices:
+        return torch.cuda.is_current_stream_capturing()
+    for device in devices:
+        with torch.cuda.device(device):
+            if torch.cuda.is_current_stream_capturing():
+                return True
+    return False
 
 
 def on_device(device: torch.device) -> ContextManager[Any]:

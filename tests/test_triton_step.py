@@ -192,7 +192,7 @@ def capture(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     optimizer's check, and upload's, which refuses to copy a table from the host during capture."""
     with monkeypatch.context() as patch:
         for module in (pilot.optim, triton_step):
-            patch.setattr(module, "capture_underway", lambda: True)
+            patch.setattr(module, "capture_underway", lambda devices=(): True)
         yield
 
 
@@ -343,3 +343,57 @@ def test_one_cycle_momentum_reaches_the_table_without_an_upload_under_capture(
     assert optimizers[1].param_groups[0]["momentum"] != optimizers[1].defaults["momentum"]
     for p, q in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_settling_momentum_reads_one_slot_per_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a parameter's first momentum step ran is in its first block's momentum_started slot: a state dict
+    reads those (a sync on a GPU), not the whole array of a slot per 1024 elements."""
+    params = [nn.Parameter(torch.randn(5, 1000)), nn.Parameter(torch.randn(3))]
+    optimizer = FusedPILoTSGD(params, **OPTIONS)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    (_, bucket), = buckets(optimizer)
+    assert bucket.started.numel() == 6
+    read: list[int] = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read.append(t.numel()) or tolist(t))
+    state = optimizer.state_dict()
+    assert read == [2] and all(entry["momentum_started"] for entry in state["state"].values())
+
+
+def test_a_capture_that_raised_leaves_the_state_free_to_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a step that completed under capture pins the state's memory: a capture whose step raised (here at a
+    number assigned to alpha) leaves nothing in a graph, so the state may still be laid out again."""
+    model = SmallCNN()
+    optimizer = FusedPILoTSGD(model.parameters(), capturable=True, **OPTIONS)
+    train_step(model, optimizer, 0)
+    alpha, optimizer.param_groups[0]["alpha"] = optimizer.param_groups[0]["alpha"], 0.5
+    with capture(monkeypatch), pytest.raises(TypeError, match="alpha was set to float"):
+        train_step(model, optimizer, 0)
+    optimizer.param_groups[0]["alpha"] = alpha
+    optimizer.load_state_dict(optimizer.state_dict())
+    train_step(model, optimizer, 1)
+    with capture(monkeypatch):
+        train_step(model, optimizer, 2)
+    with pytest.raises(RuntimeError, match="load_state_dict lays the optimizer's state out again"):
+        optimizer.load_state_dict(optimizer.state_dict())
+
+
+def test_capture_is_looked_for_on_every_device_of_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several GPUs the current device may not be the one whose stream captures: each CUDA device of the
+    state is asked. (torch.cuda is stood in for.)"""
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(index: Any) -> Iterator[None]:
+        current.append(torch.device(index).index)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current[-1] == 1)
+    assert not triton_step.capture_underway()  # device 0, the current one, is not capturing
+    assert triton_step.capture_underway([torch.device("cuda", 0), torch.device("cuda", 1)])
+    assert not triton_step.capture_underway([torch.device("cuda", 0)])
