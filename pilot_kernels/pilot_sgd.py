@@ -34,17 +34,18 @@ dampening)`` rounds the product first), so a compiled kernel rounds plain parame
 and factorised ones as SGD does on the factors. Triton's interpreter evaluates ``tl.fma`` as a product and a sum,
 each rounded to fp32: there results may differ from torch's by an ulp per multiply-add.
 
-Every program handles ``BLOCK_SIZE`` consecutive elements of one tensor, in one of three code variants: full
-blocks of tensors whose x and grad are 16-byte aligned (``FLAG_ALIGNED``) move every stream in vector accesses
-without masks; full blocks of other tensors keep vector accesses on the fp32 factor and buffer streams (their
-segments are always aligned) and access x and grad one element at a time; a tensor's last, partial block is masked
-and stepped in ``TAIL_CHUNK``-element chunks (one element per thread), one chunk after the other. The full-block
-variants issue all their loads (the old momentum buffers included) before their first store; the tail does so
-within each chunk (one DRAM round trip per chunk: its per-element accesses are scalar anyway, and a whole block of
-masked per-element state, with GradScaler's division, would set the register count of every block). A program of a
-factorised tensor writes the block's sum of |x| and count of x != 0 to its telemetry slot (deterministic: no
-atomics); the caller sums the slots. With a grad_scale the kernel divides by it correctly rounded, as torch does,
-and writes the unscaled gradient back (one more store per element, 44 bytes per fp32 factorised element).
+Every program handles ``BLOCK_SIZE`` consecutive elements of one tensor, in one of three code variants: full blocks
+of tensors whose x and grad are 16-byte aligned (``FLAG_ALIGNED``) move every stream in vector accesses without
+masks; full blocks of other tensors keep vector accesses on the fp32 factor and buffer streams (their segments are
+always aligned) and access x and grad in scalar accesses (``docs/kernel.md`` has the details); a tensor's last,
+partial block is masked and stepped in ``TAIL_CHUNK``-element chunks (one element per thread), one chunk after the
+other. The full-block variants issue all their loads (the old momentum buffers included) before their first store;
+the tail does so within each chunk (one DRAM round trip per chunk: its per-element accesses are scalar anyway, and a
+whole block of masked per-element state, with GradScaler's division, would set the register count of every block). A
+program of a factorised tensor writes the block's sum of |x| and count of x != 0 to its telemetry slot
+(deterministic: no atomics); the caller sums the slots. With a grad_scale the kernel divides by it correctly
+rounded, as torch does, and writes the unscaled gradient back (one more store per element, 44 bytes per fp32
+factorised element).
 
 Whether a block's momentum buffers already hold a value lives on the device, in its
 ``momentum_started`` slot (int32, 0 = not yet), which the block's own program reads and sets (no

@@ -83,6 +83,21 @@ def test_unaligned_full_blocks_keep_vector_factor_and_buffer_streams(reports: li
         assert str(8 * BYTES[r["x_dtype"]]) in v["loads_by_bits"], r  # x and g, one element at a time
 
 
+def test_unaligned_full_blocks_access_x_and_grad_as_documented(reports: list[dict[str, Any]]) -> None:
+    """docs/kernel.md: in the full unaligned variant the gradient and a plain tensor's old x are loaded in the other
+    streams' blocked layout, PER_THREAD consecutive elements a thread, as PER_THREAD scalar loads each; x (and
+    GradScaler's unscaled gradient) is stored in a 1-element-per-thread layout after a layout conversion, one per
+    branch and stream, PER_THREAD scalar stores a thread. Counted on the 16-bit dtypes, whose element width no
+    table read shares."""
+    for r in reports:
+        if BYTES[r["x_dtype"]] != 2:
+            continue
+        v, streams_stored = variant(r, "full unaligned"), 4 if r["amp"] else 2  # x, and g, in both branches
+        assert v["loads_by_bits"]["16"] == 2 * PER_THREAD, r
+        assert v["stores_by_bits"]["16"] == streams_stored * PER_THREAD, r
+        assert v["layout_conversions"] == streams_stored, r
+
+
 def test_no_shared_memory_round_trip_in_full_aligned_blocks(reports: list[dict[str, Any]]) -> None:
     """Every stream in the one blocked layout of the loads, whatever x's dtype: no layout conversion, so the only
     shared-memory traffic and barriers are those of fp32's kernel (the telemetry sums and the momentum flag)."""
