@@ -38,9 +38,12 @@ def test_the_cifar10_recipe_takes_the_validated_dataset_defaults() -> None:
     defaults = RECIPES["cifar10"]
     assert (config.epochs, config.warmup_epochs, config.augment) == (
         defaults["epochs"], defaults["warmup_epochs"], defaults["augment"])
-    assert (config.alpha, config.factor, config.threshold, config.sparsity_signal) == (
+    assert (config.target_sparsity, config.strength_integral) == (
+        defaults["target_sparsity"], defaults["strength_integral"]["pilot"])
+    untargeted, _ = parse_config(["--recipe", "cifar10-resnet20", "--target-sparsity", "off"])
+    assert (untargeted.alpha, untargeted.factor, untargeted.threshold, untargeted.sparsity_signal) == (
         defaults["alpha"]["pilot"], defaults["factor"], defaults["threshold"], defaults["sparsity_signal"])
-    spred, _ = parse_config(["--recipe", "cifar10-resnet20", "--method", "spred"])
+    spred, _ = parse_config(["--recipe", "cifar10-resnet20", "--method", "spred", "--target-sparsity", "off"])
     assert spred.alpha == defaults["alpha"]["spred"]
 
 
@@ -55,6 +58,7 @@ SELECTIONS = {
         "spred": {"lr": 0.3, "warmup_epochs": 1, "alpha": 6.7e-4, "beta": 0.0},
         "lasso": {"lr": 0.1, "warmup_epochs": 0, "lasso_lambda": 3e-3},
         "str": {"lr": 0.3, "warmup_epochs": 1, "str_weight_decay": 2e-2},
+        "gmp": {"lr": 0.1, "warmup_epochs": 0},
     }),
     "cifar10": (("--data", "cifar10"), ("resnet20", 30, True, 20), {
         "dense": {"lr": 0.1, "warmup_epochs": 1},
@@ -63,6 +67,7 @@ SELECTIONS = {
         "spred": {"lr": 0.1, "warmup_epochs": 1, "alpha": 2.2e-3, "beta": 0.0},
         "lasso": {"lr": 0.1, "warmup_epochs": 1, "lasso_lambda": 1.8e-3},
         "str": {"lr": 0.1, "warmup_epochs": 1, "str_weight_decay": 2.1e-3},
+        "gmp": {"lr": 0.1, "warmup_epochs": 1},
     }),
 }
 
@@ -71,15 +76,17 @@ SELECTIONS = {
                                           for method in sorted(methods)])
 def test_defaults_are_each_methods_selection(data: str, method: str) -> None:
     arguments, setting, methods = SELECTIONS[data]
-    config, explicit = parse_config([*arguments, "--method", method])
+    # The selections were made with fixed strengths: without a target (gmp has none, dense takes none)
+    untargeted = [] if method in ("dense", "gmp") else ["--target-sparsity", "off"]
+    config, explicit = parse_config([*arguments, "--method", method, *untargeted])
     assert (config.data, config.model, config.epochs, config.augment, config.bn_recalibration) == (data, *setting)
     for key, value in methods[method].items():
         assert getattr(config, key) == value, key
-    assert explicit == {"method", *(["data"] if arguments else [])}
+    assert explicit == {"method", *(["data"] if arguments else []), *(["target_sparsity"] if untargeted else [])}
 
 
 def test_per_method_recipe_values_cover_the_methods_they_apply_to() -> None:
-    applies_to = {"alpha": {"pilot", "spred"}}
+    applies_to = {"alpha": {"pilot", "spred"}, "strength_integral": {"pilot", "spred", "lasso", "str"}}
     for data, values in RECIPES.items():
         for key, value in values.items():
             if isinstance(value, dict):
@@ -87,7 +94,8 @@ def test_per_method_recipe_values_cover_the_methods_they_apply_to() -> None:
 
 
 def test_flags_override_per_method_defaults() -> None:
-    config, _ = parse_config(["--lr", "0.05", "--warmup-epochs", "0", "--alpha-update", "epoch", "--factor", "1.5"])
+    config, _ = parse_config(["--lr", "0.05", "--warmup-epochs", "0", "--alpha-update", "epoch", "--factor", "1.5",
+                              "--target-sparsity", "off"])
     assert (config.lr, config.warmup_epochs, config.alpha_update, config.factor) == (0.05, 0, "epoch", 1.5)
     lasso, _ = parse_config(["--method", "lasso", "--lr", "0.3"])
     assert (lasso.lr, lasso.warmup_epochs) == (0.3, 0)
@@ -96,7 +104,8 @@ def test_flags_override_per_method_defaults() -> None:
 def test_flags_override_the_recipe() -> None:
     config, explicit = parse_config(["--recipe", "imagenet-resnet50", *CPU, "--lr", "0.1", "--epochs", "3", "--warmup-epochs", "1",
                                      "--no-augment", "--sparsity", "0.5", "--weight-decay", "1e-4", "--alpha", "0.01"])
-    assert (config.lr, config.epochs, config.augment, config.sparsity) == (0.1, 3, False, (0.5,))
+    # the target (the recipe's default) is always among the levels evaluated
+    assert (config.lr, config.epochs, config.augment, config.sparsity) == (0.1, 3, False, (0.5, 0.95))
     assert (config.weight_decay, config.alpha, config.momentum) == (1e-4, 0.01, 0.875)
     assert {"lr", "momentum", "alpha"} <= explicit
     cifar100, _ = parse_config(["--recipe", "cifar100-resnet18", "--lr-schedule", "step", "--milestones", "2",
@@ -107,7 +116,7 @@ def test_flags_override_the_recipe() -> None:
 def test_a_recipe_file_by_path(tmp_path: Path) -> None:
     path = tmp_path / "mine.toml"
     path.write_text('data = "cifar10"\nepochs = 7\nnesterov = true\nsparsity = [0.8, 0.9]\n'
-                    '[lasso]\nlasso-lambda = 1e-4\n[pilot]\nfactor = 1.5\n')
+                    'target-sparsity = "off"\n[lasso]\nlasso-lambda = 1e-4\n[pilot]\nfactor = 1.5\n')
     config, _ = parse_config(["--recipe", str(path)])
     assert (config.data, config.epochs, config.nesterov, config.sparsity, config.factor) == (
         "cifar10", 7, True, (0.8, 0.9), 1.5)

@@ -22,7 +22,7 @@ from pilot.train.methods import lr_multiplier
 
 IMAGE_SIZE, BLOCK = 12, 4
 TRAIN_SIZE, TEST_SIZE = 320, 120
-METHODS = ("dense", "pilot", "spred", "lasso", "str")
+METHODS = ("dense", "pilot", "spred", "lasso", "str", "gmp")
 
 
 def _write_idx(path: Path, magic: int, data: torch.Tensor) -> None:
@@ -116,7 +116,9 @@ def test_pruned_models_have_exactly_the_target_sparsity(finished_runs: dict[str,
         model.load_state_dict(saved["state_dict"])  # a plain model (STR baked in)
         weights = {name: p for name, p in model.named_parameters() if p.ndim >= 2}
         total = sum(p.numel() for p in weights.values())
-        assert sum(int((p == 0).sum()) for p in weights.values()) == round(sparsity * total)
+        # GMP's pruning along the course reached the recipe's target (0.95) exactly: pruning removes no more
+        reached = 0.95 if method == "gmp" else 0.0
+        assert sum(int((p == 0).sum()) for p in weights.values()) == round(max(sparsity, reached) * total)
         assert saved["masks"].keys() == {f"{name}_mask" for name in weights}
         for name, p in weights.items():
             assert torch.equal(saved["masks"][f"{name}_mask"], (p != 0).to(p.dtype))
@@ -185,11 +187,12 @@ def interrupted_at(call: int):
 
 
 @pytest.mark.parametrize("extra", [("--val-fraction", "0.25"), ("--cycles", "1", "--rewind", "wr"), ("--cycles", "1"),
-                                   ("--alpha-update", "step", "--factor", "1.02", "--accuracy-window", "3")],
-                         ids=["one-cycle", "wr-across-a-cycle", "lrr-across-a-cycle", "alpha-per-step"])
+                                   ("--target-sparsity", "off", "--alpha-update", "step", "--factor", "1.02",
+                                    "--accuracy-window", "3"), ("--method", "gmp"), ("--method", "lasso")],
+                         ids=["one-cycle", "wr-across-a-cycle", "lrr-across-a-cycle", "alpha-per-step", "gmp", "lasso"])
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch,
                                             extra: tuple[str, ...]) -> None:
-    args = ("--method", "pilot", "--sparsity", "0.9", *extra)
+    args = ("--method", "pilot", "--sparsity", "0.9", "--target-sparsity", "0.8", *extra)
     assert run(tmp_path / "whole", data_root, *args) == 0
     stop_at = 3 if "--cycles" in extra else 2  # in the second cycle / in the second epoch
     with monkeypatch.context() as patch:
@@ -285,14 +288,30 @@ def test_invalid_arguments_are_rejected_with_a_message(args: list[str], message:
 def test_defaults_train_pilot_on_fashion_mnist() -> None:
     config, explicit = parse_config([])
     assert (config.method, config.data, config.model, config.epochs) == ("pilot", "fashion-mnist", "lenet300-100", 10)
-    assert config.beta == 1.0 and config.alpha > 0 and config.factor > 1 and not config.threshold_absolute
-    # The selected Fashion-MNIST setting: no augmentation, Algorithm 1 per step on the effective density, no BatchNorm
-    assert (config.augment, config.alpha_update, config.sparsity_signal, config.bn_recalibration) == (
-        False, "step", "effective-density", 0)
+    # To the recipe's target, alpha steered from the recipe's integral by pilot's extension of Algorithm 1
+    assert (config.target_sparsity, config.alpha_schedule, config.beta) == (0.95, "algorithm1", 1.0)
+    assert config.alpha is None and config.strength_integral > 0 and config.factor is None
+    assert 0.95 in config.sparsity
+    assert (config.augment, config.bn_recalibration) == (False, 0)
     assert explicit == frozenset()
     spred, explicit = parse_config(["--method", "spred", "--lr", "0.05"])
-    assert (spred.beta, spred.factor, spred.out) == (0.0, None, "runs/spred-lenet300-100-fashion-mnist-seed0")
+    assert (spred.beta, spred.factor, spred.alpha_schedule, spred.out) == (
+        0.0, None, "constant", "runs/spred-lenet300-100-fashion-mnist-seed0")
     assert explicit == {"method", "lr"}
+    algorithm1, _ = parse_config(["--target-sparsity", "off"])
+    assert (algorithm1.target_sparsity, algorithm1.alpha_update, algorithm1.sparsity_signal) == (
+        None, "step", "effective-density")
+    assert algorithm1.alpha > 0 and algorithm1.factor > 1 and algorithm1.strength_integral is None
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "pilot", "--alpha-schedule", "constant"], ("pilot", 1.0, "constant")),
+    (["--method", "spred", "--alpha-schedule", "algorithm1"], ("spred", 0.0, "algorithm1")),
+])
+def test_the_ablations_cross_the_init_with_the_schedule(args: list[str], expected: tuple) -> None:
+    config, _ = parse_config(["--data", "cifar10", *args])
+    assert (config.method, config.beta, config.alpha_schedule) == expected
+    assert config.target_sparsity == 0.95
 
 
 def test_each_dataset_has_its_recipe() -> None:
@@ -310,8 +329,24 @@ def test_each_dataset_has_its_recipe() -> None:
     (["--alpha-update", "epoch", "--accuracy-window", "10"], "--accuracy-window applies to --alpha-update step"),
     (["--method", "spred", "--alpha-update", "step"], "--alpha-update applies to --method pilot"),
     (["--threshold-absolute"], "--threshold-absolute needs --threshold"),
+    (["--method", "lasso", "--alpha-schedule", "constant"], "--alpha-schedule applies to --method pilot/spred"),
 ])
 def test_invalid_schedule_arguments(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(["--target-sparsity", "off", *args])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "gmp", "--target-sparsity", "off"], "--method gmp prunes along the course"),
+    (["--method", "dense", "--target-sparsity", "0.9"], "--target-sparsity applies to the sparsifying methods"),
+    (["--factor", "1.2"], "--factor set Algorithm 1 without a target"),
+    (["--method", "pilot", "--alpha-schedule", "constant", "--target-sparsity", "off", "--threshold", "0.1"],
+     "--alpha-schedule constant"),
+    (["--target-sparsity", "1"], "must be in (0, 1)"),
+    (["--target-sparsity", "most"], "expected a number"),
+])
+def test_invalid_target_arguments(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         parse_config(args)
     assert message in capsys.readouterr().err
@@ -319,13 +354,16 @@ def test_invalid_schedule_arguments(args: list[str], message: str, capsys: pytes
 
 def test_configurations_of_earlier_versions_still_load() -> None:
     # What a configuration without these keys implied: Algorithm 1 per epoch on the L1 norm.
-    current, _ = parse_config(["--threshold", "0.02", "--alpha-update", "epoch", "--sparsity-signal", "l1"])
+    current, _ = parse_config(["--threshold", "0.02", "--alpha-update", "epoch", "--sparsity-signal", "l1",
+                               "--target-sparsity", "off"])
     saved = current.to_json()
-    for key in ("sparsity_signal", "alpha_update", "accuracy_window", "bn_recalibration", "prune_criterion", "curve"):
+    for key in ("sparsity_signal", "alpha_update", "accuracy_window", "bn_recalibration", "prune_criterion", "curve",
+                "target_sparsity", "strength_integral", "alpha_schedule"):
         del saved[key]
     saved["l1_threshold"], saved["l1_threshold_absolute"] = saved.pop("threshold"), saved.pop("threshold_absolute")
     assert Config.from_json(saved) == current
-    effective_density, _ = parse_config(["--sparsity-signal", "effective-density", "--threshold", "0.2"])
+    effective_density, _ = parse_config(["--sparsity-signal", "effective-density", "--threshold", "0.2",
+                                         "--target-sparsity", "off"])
     saved = effective_density.to_json()
     saved["signal"] = saved.pop("sparsity_signal")  # its name before torchrun's --signals-to-handle forced a rename
     assert Config.from_json(saved) == effective_density
@@ -335,8 +373,8 @@ def test_algorithm_1_per_optimizer_step(tmp_path: Path, data_root: Path) -> None
     """With --alpha-update step alpha moves by the factor after every step: T counts steps, and its last value
     is alpha0 * factor^(grows - shrinks) over the 2 x 10 steps of the run."""
     out = tmp_path / "run"
-    assert run(out, data_root, "--alpha-update", "step", "--factor", "1.05", "--alpha", "1e-3",
-               "--sparsity", "0.5") == 0
+    assert run(out, data_root, "--target-sparsity", "off", "--alpha-update", "step", "--factor", "1.05",
+               "--alpha", "1e-3", "--sparsity", "0.5") == 0
     schedule = final_state(out)["method"]["alpha_schedule"]
     steps = 2 * math.ceil(TRAIN_SIZE / 32)
     assert schedule["k"] == steps and schedule["total"] == steps
@@ -351,7 +389,8 @@ def test_algorithm_1_per_optimizer_step(tmp_path: Path, data_root: Path) -> None
 def test_regularisation_integral_is_the_sum_of_lr_times_strength(tmp_path: Path, data_root: Path, method: str,
                                                                   key: str) -> None:
     out = tmp_path / method
-    assert run(out, data_root, "--method", method, "--sparsity", "0.5", "--warmup-epochs", "1") == 0
+    assert run(out, data_root, "--method", method, "--sparsity", "0.5", "--warmup-epochs", "1",
+               *(["--target-sparsity", "off"] if method != "dense" else [])) == 0
     config = Config.from_json(json.loads((out / "config.json").read_text()))
     steps_per_epoch = math.ceil(TRAIN_SIZE / 32)
     multiplier = lr_multiplier(config, steps_per_epoch)

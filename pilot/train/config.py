@@ -7,7 +7,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -21,9 +21,13 @@ from pilot.schedule import SIGNALS
 from . import distributed
 from .recipe_files import read_recipe, recipe_arguments, recipe_names
 
-METHODS = ("dense", "pilot", "spred", "lasso", "str")
+METHODS = ("dense", "pilot", "spred", "lasso", "str", "gmp")
 LR_SCHEDULES = ("cosine", "step", "constant")
 ALPHA_UPDATES = ("epoch", "step")
+# pilot/spred: how alpha moves (the ablations cross them with the inits): Algorithm 1 (pilot's) or held constant
+# (spred's); with --target-sparsity, Algorithm 1's accuracy rule and release, or alpha held on the plan.
+ALPHA_SCHEDULES = ("algorithm1", "constant")
+FACTORISED = ("pilot", "spred")  # the methods that train with FusedPILoTSGD
 
 # The model each dataset is trained with when --model is not given (the paper's choice where it has one).
 DEFAULT_MODELS = {"fashion-mnist": "lenet300-100", "cifar10": "resnet20", "cifar100": "resnet18-cifar",
@@ -37,17 +41,23 @@ DEFAULT_MODELS = {"fashion-mnist": "lenet300-100", "cifar10": "resnet20", "cifar
 # times the learning rate), Algorithm 1's per-epoch factor replaced by its square root (twice the epochs). For
 # pilot that left the sum short (Algorithm 1's course depends on the run), so its alpha0 was rescaled once by the
 # ratio of the sums, S's over the first 30-epoch run's, which brought it within 20% of S's (docs/results.md).
+# With --target-sparsity the strengths only set where the controller starts, and they start where the sum
+# over the steps of lr times a constant strength, the regularisation integral, equals strength_integral: each
+# method's selected strength times the sum of lr over the steps of the run it was selected for (so a run of any
+# length starts where those did; pilot.schedule.SparsityTarget).
 RECIPES: dict[str, dict[str, Any]] = {
-    "fashion-mnist": {"epochs": 10, "augment": False, "bn_recalibration": 0,
-                      "lr": {"dense": 0.1, "pilot": 0.3, "spred": 0.3, "lasso": 0.1, "str": 0.3},
-                      "warmup_epochs": {"dense": 0, "pilot": 1, "spred": 1, "lasso": 0, "str": 1},
+    "fashion-mnist": {"epochs": 10, "augment": False, "bn_recalibration": 0, "target_sparsity": 0.95,
+                      "lr": {"dense": 0.1, "pilot": 0.3, "spred": 0.3, "lasso": 0.1, "str": 0.3, "gmp": 0.1},
+                      "warmup_epochs": {"dense": 0, "pilot": 1, "spred": 1, "lasso": 0, "str": 1, "gmp": 0},
                       "alpha": {"pilot": 5e-4, "spred": 6.7e-4}, "factor": 1.00329, "alpha_update": "step",
                       "sparsity_signal": "effective-density", "threshold": 0.1,
-                      "lasso_lambda": 3e-3, "str_weight_decay": 2e-2},
-    "cifar10": {"epochs": 30, "augment": True, "bn_recalibration": 20, "lr": 0.1, "warmup_epochs": 1,
+                      "lasso_lambda": 3e-3, "str_weight_decay": 2e-2,
+                      "strength_integral": {"pilot": 0.18, "spred": 0.24, "lasso": 0.35, "str": 7.1}},
+    "cifar10": {"epochs": 30, "augment": True, "bn_recalibration": 20, "lr": 0.1, "warmup_epochs": 1, "target_sparsity": 0.95,
                 "alpha": {"pilot": 1.3e-3, "spred": 2.2e-3}, "factor": 1.2247, "alpha_update": "epoch",
                 "sparsity_signal": "effective-density", "threshold": 0.3,
-                "lasso_lambda": 1.8e-3, "str_weight_decay": 2.1e-3},
+                "lasso_lambda": 1.8e-3, "str_weight_decay": 2.1e-3,
+                "strength_integral": {"pilot": 0.38, "spred": 0.65, "lasso": 0.53, "str": 0.62}},
 }
 # Datasets without a validated recipe of their own use CIFAR-10's.
 RECIPE_FALLBACK = "cifar10"
@@ -69,7 +79,9 @@ IMPLIED_KEYS = {"sparsity_signal": lambda saved: "l1" if saved.get("method") == 
                 "prune_criterion": lambda saved: "magnitude", "curve": lambda saved: True,
                 "label_smoothing": lambda saved: 0.0, "conv_init": lambda saved: "fan-out",
                 "sync_bn": lambda saved: False, "channels_last": lambda saved: False, "fsdp": lambda saved: False,
-                "compile_model": lambda saved: False}
+                "compile_model": lambda saved: False, "target_sparsity": lambda saved: None,
+                "strength_integral": lambda saved: None,
+                "alpha_schedule": lambda saved: {"pilot": "algorithm1", "spred": "constant"}.get(saved.get("method"))}
 CONV_INITS = ("fan-out", "fan-in")
 
 
@@ -97,8 +109,11 @@ class Config:
     weight_decay: float
     label_smoothing: float
     conv_init: str
+    target_sparsity: Optional[float]
     alpha: Optional[float]
+    strength_integral: Optional[float]
     beta: Optional[float]
+    alpha_schedule: Optional[str]
     factor: Optional[float]
     sparsity_signal: Optional[str]
     threshold: Optional[float]
@@ -185,6 +200,17 @@ _fraction_open = _number(float, low=0.0, high=1.0, low_open=True, high_open=True
 _momentum = _number(float, low=0.0, high=1.0, high_open=True)
 _val_fraction = _number(float, low=0.0, high=1.0, high_open=True)
 _factor = _number(float, low=1.0)
+
+
+TARGET_OFF = "off"
+
+
+def _target(text: str) -> Union[float, str]:
+    """argparse type of --target-sparsity: a sparsity in (0, 1), or "off"."""
+    return TARGET_OFF if text == TARGET_OFF else _fraction_open(text)
+
+
+_target.__name__ = "target sparsity"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -289,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "(STR's ImageNet setup)")
 
     reg = parser.add_argument_group("sparsifying regularisation")
+    reg.add_argument("--target-sparsity", type=_target, metavar="S|off",
+                     help="train to this sparsity at any --epochs: every method follows one planned course of the "
+                          "density, 1 for the first 10%% of training, cubic down to 1 - S at 70%% "
+                          "(pilot.schedule.SparsityCourse); pilot/spred/lasso/str steer their strength (alpha, "
+                          "--lasso-lambda, --str-weight-decay, which then only set where it starts) so that their "
+                          "density follows it, gmp prunes along it; off: the fixed strengths and Algorithm 1's "
+                          "threshold of the earlier recipes; default: " + _per_dataset("target_sparsity"))
+    reg.add_argument("--alpha-schedule", choices=ALPHA_SCHEDULES,
+                     help="pilot/spred: algorithm1 (pilot's default: the accuracy rule, and with --target-sparsity "
+                          "the release of alpha once the target is reached) or constant (spred's default: alpha held, "
+                          "with --target-sparsity on the plan); pilot with constant and spred with algorithm1 are the "
+                          "paper's ablations of the init against the schedule")
     reg.add_argument("--alpha", type=_non_negative,
                      help="pilot/spred: initial weight decay on the factors m, w; default: " + _per_dataset("alpha"))
     reg.add_argument("--beta", type=_positive, help="pilot: initial imbalance m^2 - w^2 of the factors "
@@ -421,10 +459,11 @@ def resolve(args: argparse.Namespace) -> Config:
     """Fill the method- and dataset-dependent defaults and check the combinations argparse cannot."""
     method = args.method
     defaults = recipe(args.data, method)
-    specific = {"--alpha": (args.alpha, ("pilot", "spred")), "--beta": (args.beta, ("pilot",)),
-                "--factor": (args.factor, ("pilot",)), "--sparsity-signal": (args.sparsity_signal, ("pilot",)),
-                "--threshold": (args.threshold, ("pilot",)), "--alpha-update": (args.alpha_update, ("pilot",)),
-                "--accuracy-window": (args.accuracy_window, ("pilot",)),
+    specific = {"--alpha": (args.alpha, FACTORISED), "--beta": (args.beta, ("pilot",)),
+                "--alpha-schedule": (args.alpha_schedule, FACTORISED),
+                "--factor": (args.factor, FACTORISED), "--sparsity-signal": (args.sparsity_signal, FACTORISED),
+                "--threshold": (args.threshold, FACTORISED), "--alpha-update": (args.alpha_update, FACTORISED),
+                "--accuracy-window": (args.accuracy_window, FACTORISED),
                 "--lasso-lambda": (args.lasso_lambda, ("lasso",)), "--str-init": (args.str_init, ("str",)),
                 "--str-weight-decay": (args.str_weight_decay, ("str",))}
     for flag, (value, methods) in specific.items():
@@ -432,10 +471,35 @@ def resolve(args: argparse.Namespace) -> Config:
             raise ValueError(f"{flag} applies to --method {'/'.join(methods)}, not {method}")
     if args.threshold_absolute and args.threshold is None:
         raise ValueError("--threshold-absolute needs --threshold")
-    sparsity_signal = _default(args.sparsity_signal, defaults["sparsity_signal"]) if method == "pilot" else None
+    # Given, "off", or the recipe's (which dense, pruned one-shot at the end, does not take).
+    target = args.target_sparsity if args.target_sparsity is not None else \
+        None if method == "dense" else defaults["target_sparsity"]
+    target = None if target == TARGET_OFF else target
+    if target is not None and method == "dense":
+        raise ValueError("--target-sparsity applies to the sparsifying methods, not dense (which is pruned one-shot "
+                         "at the end: use --sparsity)")
+    if target is None and method == "gmp":
+        raise ValueError("--method gmp prunes along the course to --target-sparsity: give one (e.g. 0.95)")
+    alpha_schedule = _default(args.alpha_schedule, {"pilot": "algorithm1", "spred": "constant"}.get(method))
+    # With a target and no strength given, the strength starts from the recipe's integral (methods.py).
+    strength_flag = {"pilot": args.alpha, "spred": args.alpha, "lasso": args.lasso_lambda,
+                     "str": args.str_weight_decay}
+    integral = defaults["strength_integral"] if target is not None and method in strength_flag \
+        and strength_flag[method] is None else None
+    # Algorithm 1's own settings: only where it runs without a target (the target replaces its threshold).
+    algorithm1 = alpha_schedule == "algorithm1" and target is None
+    if not algorithm1:
+        given = [flag for flag, value in (("--factor", args.factor), ("--sparsity-signal", args.sparsity_signal),
+                                          ("--threshold", args.threshold), ("--alpha-update", args.alpha_update),
+                                          ("--accuracy-window", args.accuracy_window)) if value is not None]
+        if given and method in ("pilot", "spred"):
+            raise ValueError(f"{', '.join(given)} set Algorithm 1 without a target; with "
+                             f"{'--target-sparsity' if target is not None else '--alpha-schedule constant'} "
+                             "they do not apply (pass --target-sparsity off --alpha-schedule algorithm1 for them)")
+    sparsity_signal = _default(args.sparsity_signal, defaults["sparsity_signal"]) if algorithm1 else None
     if args.threshold_absolute and sparsity_signal == "effective-density":
         raise ValueError("--threshold-absolute applies to --sparsity-signal l1 (effective-density thresholds are absolute)")
-    alpha_update = _default(args.alpha_update, defaults["alpha_update"]) if method == "pilot" else None
+    alpha_update = _default(args.alpha_update, defaults["alpha_update"]) if algorithm1 else None
     if args.accuracy_window is not None and alpha_update != "step":
         raise ValueError("--accuracy-window applies to --alpha-update step")
     epochs = _default(args.epochs, defaults["epochs"])
@@ -485,16 +549,20 @@ def resolve(args: argparse.Namespace) -> Config:
         warmup_epochs=warmup_epochs,
         milestones=milestones, gamma=args.gamma, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, conv_init=args.conv_init,
-        alpha=_default(args.alpha, defaults["alpha"]),  # None for the methods the recipe's alpha leaves out
-        beta={"pilot": _default(args.beta, DEFAULT_BETA), "spred": 0.0}.get(method),
-        factor=_default(args.factor, defaults["factor"]) if method == "pilot" else None,
-        sparsity_signal=sparsity_signal, threshold=_default(args.threshold, defaults["threshold"]) if method == "pilot" else None,
+        target_sparsity=target, strength_integral=integral,
+        # None for the methods the recipe's alpha leaves out, and where the integral sets the start
+        alpha=None if integral is not None else _default(args.alpha, defaults["alpha"]),
+        beta={"pilot": _default(args.beta, DEFAULT_BETA), "spred": 0.0}.get(method), alpha_schedule=alpha_schedule,
+        factor=_default(args.factor, defaults["factor"]) if algorithm1 else None,
+        sparsity_signal=sparsity_signal, threshold=_default(args.threshold, defaults["threshold"]) if algorithm1 else None,
         threshold_absolute=args.threshold_absolute, alpha_update=alpha_update,
         accuracy_window=args.accuracy_window,
-        lasso_lambda=_default(args.lasso_lambda, defaults["lasso_lambda"]) if method == "lasso" else None,
+        lasso_lambda=_default(args.lasso_lambda, defaults["lasso_lambda"]) if method == "lasso" and integral is None
+        else None,
         str_init=_default(args.str_init, DEFAULT_STR_INIT) if method == "str" else None,
-        str_weight_decay=_default(args.str_weight_decay, defaults["str_weight_decay"]) if method == "str" else None,
-        sparsity=tuple(sorted(set(args.sparsity))), curve=args.curve, prune_scope=args.prune_scope,
+        str_weight_decay=_default(args.str_weight_decay, defaults["str_weight_decay"])
+        if method == "str" and integral is None else None,
+        sparsity=tuple(sorted(set(args.sparsity) | ({target} if target is not None else set()))), curve=args.curve, prune_scope=args.prune_scope,
         prune_criterion=args.prune_criterion,
         bn_recalibration=_default(args.bn_recalibration, defaults["bn_recalibration"]), cycles=args.cycles,
         **iterative, seed=args.seed,

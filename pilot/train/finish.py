@@ -111,12 +111,34 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
         "final": {**unpruned, **{key: final[key] for key in ("density", "effective_density",
                                                              "regularisation_integral") if key in final}},
         "bn_recalibration_batches": config.bn_recalibration,
+        "target": target_reached(config, final),
         "pruned": pruned,
         "one_shot": curve,
     }
     save_json(summary, out / SUMMARY)
     log.info("done: %s", out)
     return summary
+
+
+# "Reached S" per method: the factorised methods leave no exact zeros, so their effective density (the density
+# their magnitudes have, pilot.schedule.effective_density) must be at most this many times 1 - S, and what one-shot
+# pruning to S costs is reported beside it; the others' exact zeros must reach S up to this tolerance.
+EFFECTIVE_DENSITY_SLACK = 1.25
+EXACT_SPARSITY_TOLERANCE = 0.005
+
+
+def target_reached(config: Config, final: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Whether the run reached its --target-sparsity by its method's measure (None without a target)."""
+    if config.target_sparsity is None:
+        return None
+    target = config.target_sparsity
+    if config.method in ("pilot", "spred"):
+        measured, bound = final["effective_density"], EFFECTIVE_DENSITY_SLACK * (1.0 - target)
+        return {"sparsity": target, "measure": "effective_density", "value": measured, "bound": bound,
+                "reached": measured <= bound}
+    measured = 1.0 - final["density"]
+    return {"sparsity": target, "measure": "exact_sparsity", "value": measured,
+            "bound": target - EXACT_SPARSITY_TOLERANCE, "reached": measured >= target - EXACT_SPARSITY_TOLERANCE}
 
 
 def versions() -> dict[str, Optional[str]]:

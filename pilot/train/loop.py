@@ -39,7 +39,7 @@ from pilot.schedule import effective_density
 from .config import Config
 from .distributed import SINGLE, Distributed
 from .fsdp import LockstepBatches, ShardedCheckpoint, lockstep_loaders
-from .methods import Method, make_method, make_optimizer
+from .methods import Method, make_method, make_optimizer, starting_strengths
 from .rundir import (CHECKPOINT, METRICS, SHARDED_CHECKPOINT, RunError, append_jsonl, read_checkpoint, save_torch,
                      write_jsonl)
 
@@ -248,6 +248,8 @@ def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
         if method.steps_alpha:  # Algorithm 1 on every rank sees the accuracy of the whole global batch
             hits, examples = place.all_reduce_sum([batch_correct.item(), targets.shape[0]], device)
             method.end_step(hits / examples)
+        else:
+            method.end_step()
         bar.update()
         if step % refresh_every == 0 or step == len(loader):
             mean_loss = loss_sum.item() / seen
@@ -278,6 +280,8 @@ def format_record(record: dict[str, Any], config: Config) -> str:
             parts.append(f"{split} loss {record[f'{split}_loss']:.4f} acc {record[f'{split}_accuracy']:.2%}")
     parts.append(f"density {record['density']:.2%}")
     parts.append(f"eff. density {record['effective_density']:.3f}")
+    if "planned_density" in record:
+        parts.append(f"plan {record['planned_density']:.3f} strength {record['strength']:.3g}")
     if "l1_relative" in record:
         parts.append(f"L1 {record['l1_relative']:.3f}x")
     parts.append(f"sum lr*reg {record['regularisation_integral']:.3g}")
@@ -305,7 +309,9 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if config.bf16 else None
         self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         self.network: Optional[nn.Module] = None  # built once the optimizer has set the weights
-        self.iterative = IterativePruning(model, lambda m: make_optimizer(config, m), mode=config.rewind,
+        # The strengths a target starts from depend on the steps of the run (the config saved keeps the integral).
+        started = starting_strengths(config, len(data.train))
+        self.iterative = IterativePruning(model, lambda m: make_optimizer(started, m), mode=config.rewind,
                                           keep_rate=1.0 - config.prune_rate, scope=config.prune_scope)
         self.progress = Progress()
         self.cycle_end: Optional[dict[str, Any]] = None
@@ -407,6 +413,9 @@ class Trainer:
         record["density"] = density(method.model)
         record["effective_density"] = prunable_effective_density(method.model)
         record["regularisation_integral"] = method.regularisation_integral
+        if method.target is not None:
+            record["planned_density"] = method.target.course.density(method.target.k)
+            record["strength"] = method.strength()
         l1 = method.l1_norm()
         if l1 is not None:
             record["l1_norm"] = l1

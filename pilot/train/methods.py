@@ -11,9 +11,10 @@ wires them to the command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -21,9 +22,11 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from pilot.baselines import ProxSGD, lasso_param_groups, spred_optimizer, str_param_groups, to_str_model
+from pilot.gmp import GradualMagnitudePruning
 from pilot.models import init_weights
 from pilot.optim import FusedPILoTSGD
-from pilot.schedule import PILoTSchedule
+from pilot.pruning import sparsity_report
+from pilot.schedule import PILoTSchedule, SparsityCourse, SparsityTarget, sparsity_target
 
 from .config import Config
 
@@ -55,7 +58,7 @@ def lr_multiplier(config: Config, steps_per_epoch: int) -> Callable[[int], float
 # lambda (lasso, its first group), the weight decay of STR's threshold logits (its second group, see
 # pilot.baselines.str_param_groups), dense SGD's weight decay.
 STRENGTH = {"pilot": (0, "alpha"), "spred": (0, "alpha"), "lasso": (0, "l1"), "str": (1, "weight_decay"),
-            "dense": (0, "weight_decay")}
+            "dense": (0, "weight_decay"), "gmp": (0, "weight_decay")}
 
 
 @dataclass
@@ -64,7 +67,8 @@ class Method:
 
     With ``accuracy_window`` set, the alpha schedule steps after every optimizer step (:meth:`end_step`) with a
     running training accuracy, a bias-corrected exponential average with weight 1 / accuracy_window on the
-    newest batch; otherwise after every epoch (:meth:`end_epoch`) with the epoch's accuracy.
+    newest batch; otherwise after every epoch (:meth:`end_epoch`) with the epoch's accuracy. With
+    --target-sparsity, ``target`` (the strength's controller, or GMP's pruning) steps after every optimizer step.
     """
 
     model: nn.Module
@@ -73,6 +77,7 @@ class Method:
     strength_key: tuple[int, str] = (0, "weight_decay")
     alpha_schedule: Optional[PILoTSchedule] = None
     accuracy_window: Optional[int] = None
+    target: Optional[Union[SparsityTarget, GradualMagnitudePruning]] = None
     regularisation_integral: float = 0.0
     running_accuracy: float = 0.0  # the exponential average before bias correction
     running_weight: float = 0.0  # 1 - (1 - 1 / window) ** steps: its bias correction
@@ -105,8 +110,11 @@ class Method:
         """Add this step's lr * strength to the regularisation integral (call before ``optimizer.step()``)."""
         self.regularisation_integral += float(self.optimizer.param_groups[0]["lr"]) * self.strength()
 
-    def end_step(self, batch_accuracy: float) -> None:
-        """After an optimizer step: the per-step alpha schedule, fed the running training accuracy."""
+    def end_step(self, batch_accuracy: Optional[float] = None) -> None:
+        """After an optimizer step: the target's step, and the per-step alpha schedule, fed the running training
+        accuracy (``batch_accuracy`` is needed only when :attr:`steps_alpha`)."""
+        if self.target is not None:
+            self.target.step()
         if self.alpha_schedule is None or self.accuracy_window is None:
             return
         decay = 1.0 - 1.0 / self.accuracy_window
@@ -115,9 +123,11 @@ class Method:
         self.alpha_schedule.step(self.running_accuracy / self.running_weight)
 
     def end_epoch(self, train_accuracy: float) -> None:
-        """After an epoch: the per-epoch alpha schedule of pilot."""
+        """After an epoch: the per-epoch alpha schedule of pilot, or the target's accuracy rule."""
         if self.alpha_schedule is not None and self.accuracy_window is None:
             self.alpha_schedule.step(train_accuracy)
+        if isinstance(self.target, SparsityTarget):
+            self.target.end_epoch(train_accuracy)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), **self.schedules_state_dict()}
@@ -127,6 +137,7 @@ class Method:
         --fsdp checkpoint holds sharded)."""
         return {"lr_schedule": self.lr_schedule.state_dict(),
                 "alpha_schedule": None if self.alpha_schedule is None else self.alpha_schedule.state_dict(),
+                "target": None if self.target is None else self.target.state_dict(),
                 "regularisation_integral": self.regularisation_integral,
                 "running_accuracy": self.running_accuracy, "running_weight": self.running_weight}
 
@@ -139,6 +150,8 @@ class Method:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.alpha_schedule is not None:
             self.alpha_schedule.load_state_dict(state["alpha_schedule"])
+        if self.target is not None:  # after the model and the optimizer: GMP masks the loaded zeros again
+            self.target.load_state_dict(state["target"])
         self.regularisation_integral = state["regularisation_integral"]
         self.running_accuracy, self.running_weight = state["running_accuracy"], state["running_weight"]
 
@@ -159,11 +172,39 @@ def prepare_model(config: Config, model: nn.Module, device: torch.device, *, dis
     return model.to(device)
 
 
+def lr_sum(config: Config, steps_per_epoch: int) -> float:
+    """The sum of the learning rate over the optimizer steps of a cycle."""
+    multiplier = lr_multiplier(config, steps_per_epoch)
+    return sum(config.lr * multiplier(k) for k in range(config.epochs * steps_per_epoch))
+
+
+# The largest lr * strength a target may use (pilot.schedule.SparsityTarget's ``maximum``): the fraction by which
+# one step may shrink the weights (alpha of pilot and spred, lambda of LASSO as a soft threshold) or STR's
+# threshold logits. Short budgets hit it: they cannot sparsify as far as long ones without a collapse.
+MAX_LR_STRENGTH = 1e-3
+
+
+def strength_ceiling(config: Config) -> float:
+    return MAX_LR_STRENGTH / config.lr
+
+
+def starting_strengths(config: Config, steps_per_epoch: int) -> Config:
+    """``config`` with the method's strength set where --target-sparsity starts it: the recipe's regularisation
+    integral over this run's sum of lr, at most :func:`strength_ceiling` (unchanged if the strength was given, or
+    without a target)."""
+    if config.strength_integral is None:
+        return config
+    start = min(config.strength_integral / lr_sum(config, steps_per_epoch), strength_ceiling(config))
+    key = {"pilot": "alpha", "spred": "alpha", "lasso": "lasso_lambda", "str": "str_weight_decay"}[config.method]
+    return dataclasses.replace(config, **{key: start})
+
+
 def make_optimizer(config: Config, model: nn.Module) -> Optimizer:
     """The optimizer of ``config.method`` for ``model``, whose parameters must be on their final device
-    (FusedPILoTSGD keeps its factors on the parameters' device)."""
+    (FusedPILoTSGD keeps its factors on the parameters' device); a config with a strength integral must have been
+    through :func:`starting_strengths`."""
     sgd = {"lr": config.lr, "momentum": config.momentum, "nesterov": config.nesterov}
-    if config.method == "dense":
+    if config.method in ("dense", "gmp"):
         return torch.optim.SGD(model.parameters(), weight_decay=config.weight_decay, **sgd)
     if config.method == "pilot":
         return FusedPILoTSGD(model.parameters(), weight_decay=config.weight_decay, alpha=config.alpha,
@@ -179,11 +220,30 @@ def make_optimizer(config: Config, model: nn.Module) -> Optimizer:
     raise ValueError(f"unknown method {config.method!r}")
 
 
+def make_target(config: Config, model: nn.Module, optimizer: Optimizer, total: int
+                ) -> Optional[Union[SparsityTarget, GradualMagnitudePruning]]:
+    """What steers ``config.method`` to --target-sparsity over ``total`` optimizer steps (None without one):
+    alpha's controller (pilot/spred, on the effective density), lambda's (lasso) or the threshold decay's (str) on
+    the exact density, or gmp's pruning."""
+    if config.target_sparsity is None:
+        return None
+    course = SparsityCourse(config.target_sparsity, total)
+    if config.method in ("pilot", "spred"):
+        return sparsity_target(optimizer, config.target_sparsity, total, maximum=strength_ceiling(config),
+                               algorithm1=config.alpha_schedule == "algorithm1")
+    if config.method == "gmp":
+        return GradualMagnitudePruning(optimizer, course)
+    group, key = STRENGTH[config.method]
+    return SparsityTarget(optimizer, course, lambda: 1.0 - sparsity_report(model).sparsity, key=key, groups=[group],
+                          maximum=strength_ceiling(config))
+
+
 def make_method(config: Config, model: nn.Module, optimizer: Optimizer, steps_per_epoch: int) -> Method:
-    """``optimizer`` with fresh schedules: the LR schedule of :func:`lr_multiplier` and, for pilot, PILoTSchedule
-    (a relative threshold is taken from the weights as they are now), per epoch or per optimizer step."""
+    """``optimizer`` with fresh schedules: the LR schedule of :func:`lr_multiplier`, the target's controller
+    (:func:`make_target`) and, for Algorithm 1 without a target, PILoTSchedule (a relative threshold is taken from
+    the weights as they are now), per epoch or per optimizer step."""
     alpha_schedule, window = None, None
-    if config.method == "pilot":
+    if config.factor is not None:  # Algorithm 1 without a target (pilot's, or spred's ablation)
         per_step = config.alpha_update == "step"
         window = (config.accuracy_window or steps_per_epoch) if per_step else None
         alpha_schedule = PILoTSchedule(
@@ -191,4 +251,5 @@ def make_method(config: Config, model: nn.Module, optimizer: Optimizer, steps_pe
             total=config.epochs * (steps_per_epoch if per_step else 1),
             relative_threshold=config.sparsity_signal == "l1" and not config.threshold_absolute)
     return Method(model, optimizer, LambdaLR(optimizer, lr_multiplier(config, steps_per_epoch)),
-                  STRENGTH[config.method], alpha_schedule, accuracy_window=window)
+                  STRENGTH[config.method], alpha_schedule, accuracy_window=window,
+                  target=make_target(config, model, optimizer, config.epochs * steps_per_epoch))
