@@ -60,7 +60,7 @@ def cuda_tests(out: Path, timeout: float) -> dict[str, Any]:
                                 check=False)
     except subprocess.TimeoutExpired as expired:
         output = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else ""
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "output_tail": output[-OUTPUT_TAIL:]}
+        return {"ok": False, "timed_out": timeout, "output_tail": output[-OUTPUT_TAIL:]}
     record: dict[str, Any] = {"ok": result.returncode == 0, "returncode": result.returncode,
                               "seconds": time.perf_counter() - started, **junit_counts(junit)}
     if not record["ok"] or record.get("skipped"):

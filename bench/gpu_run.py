@@ -93,8 +93,8 @@ def measure(plan: Plan, budget: Budget, out: Path) -> tuple[dict[str, Any], list
 
     progress("[1/5] tests/test_cuda.py with compiled kernels")
     parts["tests"] = _guarded(failures, "tests", lambda: cuda_tests(out, plan.tests_timeout))
-    if not parts["tests"].get("ok", False) and "error" not in parts["tests"]:
-        failures.append(f"tests: {parts['tests'].get('failed') or parts['tests'].get('returncode')}")
+    if not parts["tests"]["ok"] and "error" not in parts["tests"]:  # (a crash is a failure already)
+        failures.append(f"tests: {_tests_outcome(parts['tests'])}")
 
     progress("[2/5] parity with the eager reference")
     parts["parity"] = _guarded(failures, "parity", lambda: parity(list(plan.parity), device))
@@ -109,8 +109,8 @@ def measure(plan: Plan, budget: Budget, out: Path) -> tuple[dict[str, Any], list
             records.append({"set": name, **_skipped(f"{budget.left():.0f} s left of the budget")})
             continue
         progress(f"[3/5] bandwidth: {name}")
-        records.append(_guarded(failures, f"bandwidth {name}",
-                                lambda make=make: bandwidth(make(), device, plan.bandwidth_repeats, plan.warmup)))
+        records.append({"set": name, **_guarded(failures, f"bandwidth {name}", lambda make=make: bandwidth(
+            make(), device, plan.bandwidth_repeats, plan.warmup))})
         _release(device)
     parts["bandwidth"] = records
 
@@ -161,18 +161,31 @@ def _median(stats: Any, digits: int = 1) -> str:
     return f"{stats.median:.{digits}f}"
 
 
+def _crash(record: dict[str, Any]) -> str:
+    return "crashed: " + record["error"].strip().splitlines()[-1]
+
+
+def _tests_outcome(tests: dict[str, Any]) -> str:
+    if "error" in tests:
+        return _crash(tests)
+    if "timed_out" in tests:
+        return f"timed out after {tests['timed_out']:.0f} s"
+    if "tests" not in tests:
+        return f"pytest exit status {tests['returncode']}, no report"
+    failed = f" (failed: {', '.join(tests['failed'])})" if tests["failed"] else ""
+    return (f"{tests['tests']} tests, {tests['failures'] + tests['errors']} failed, {tests['skipped']} skipped{failed}"
+            f"{'' if tests['ok'] else ', pytest exit status ' + str(tests['returncode'])}")
+
+
 def summary(results: dict[str, Any]) -> str:
     """The printed summary: one block per part."""
     env, parts = results["environment"], results["parts"]
     lines = [f"pilot GPU check on {env['device_name']}{' (dry run)' if results['dry_run'] else ''}: torch "
              f"{env['torch']}, triton {env['triton']}, commit {(env['git_commit'] or 'unknown')[:12]}", ""]
-    tests = parts["tests"]
-    lines.append("1. tests/test_cuda.py, compiled kernels: " + (
-        f"{tests['tests']} tests, {tests['failures'] + tests['errors']} failed, {tests['skipped']} skipped"
-        f"{' (failed: ' + ', '.join(tests['failed']) + ')' if tests['failed'] else ''}"
-        if "tests" in tests else tests.get("error", f"pytest exit status {tests.get('returncode')}").splitlines()[-1]))
+    lines.append(f"1. tests/test_cuda.py, compiled kernels: {_tests_outcome(parts['tests'])}")
     lines.append("2. parity with the eager reference (distance / tolerance, relative to how far training moved "
-                 "each tensor; round(m*w); telemetry)")
+                 "each tensor; round(m*w); telemetry)" + (f": {_crash(parts['parity'])}" if "error" in parts["parity"]
+                                                          else ""))
     for r in parts["parity"].get("cases", []):
         case = r["case"]
         lines.append(f"   {case['model']:<10} {case['dtype']:<9} {case['steps']:>3} steps  {r['max_distance']:.1e} / "
@@ -182,7 +195,7 @@ def summary(results: dict[str, Any]) -> str:
     lines.append("3. achieved bandwidth, GB/s (fraction of a device-to-device copy's)")
     for r in parts["bandwidth"]:
         if "skipped" in r or "error" in r:
-            lines.append(f"   {r.get('set', '?'):<18} {r.get('skipped') or 'FAILED'}")
+            lines.append(f"   {r.get('set', '?'):<18} {r.get('skipped') or _crash(r)}")
             continue
         lines.append(f"   {r['set']:<18} {r['elements'] / 1e6:>8.1f}M  " + "  ".join(
             f"{name} {r[name]['bandwidth'].median:.4g} ({r[name]['fraction_of_copy'].median:.2f})"
@@ -194,7 +207,7 @@ def summary(results: dict[str, Any]) -> str:
         lines += [f"   {name:<18} {_median(r['time'])} ms ({r['ratio_to_dense-fused'].median:.3f}x)"
                   for name, r in overhead["contenders"].items()]
     else:
-        lines.append(f"4. training step: {overhead.get('skipped') or 'FAILED'}")
+        lines.append(f"4. training step: {overhead.get('skipped') or _crash(overhead)}")
     host = parts["host"]
     if "variants" in host:
         lines.append(f"5. host side of a steady step, {host['model']}'s parameters: host time, kernels and copies "
@@ -202,5 +215,5 @@ def summary(results: dict[str, Any]) -> str:
         lines += [f"   {name:<42} {_median(r['host_time'])} us  {r['launches_per_step'].median:g} kernels  "
                   f"{r['copies_per_step'].median:g} copies" for name, r in host["variants"].items()]
     else:
-        lines.append(f"5. host side: {host.get('skipped') or 'FAILED'}")
+        lines.append(f"5. host side: {host.get('skipped') or _crash(host)}")
     return "\n".join(lines)

@@ -62,3 +62,23 @@ def test_budget_cuts_the_measurements_and_failures_set_the_exit_status(
     assert results["failures"] == ([] if parity_ok else ["parity: small-cnn float32"])
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert last.startswith("ok in" if parity_ok else "FAILED: parity: small-cnn float32")
+
+
+def test_a_part_that_crashes_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception in a part (a kernel that faults, say) is recorded with its traceback and fails the run; a
+    timed-out test run too."""
+    _stub_parts(monkeypatch, True)
+    monkeypatch.setattr(gpu_run, "cuda_tests", lambda out, timeout: {"ok": False, "timed_out": timeout})
+
+    def crash(cases: Any, device: Any) -> None:
+        raise RuntimeError("illegal memory access")
+
+    monkeypatch.setattr(gpu_run, "parity", crash)
+    assert gpu_run.run(tmp_path, budget_seconds=1e-9, dry_run=True) == 1
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert results["failures"] == ["tests: timed out after 300 s", "parity: RuntimeError: illegal memory access"]
+    assert "RuntimeError: illegal memory access" in results["parts"]["parity"]["error"]
+    out = capsys.readouterr().out
+    assert "1. tests/test_cuda.py, compiled kernels: timed out after 300 s" in out
+    assert "crashed: RuntimeError: illegal memory access" in out
