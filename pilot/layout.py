@@ -223,6 +223,9 @@ def _allocate(bucket: Bucket, states: Any, groups: list[dict[str, Any]]) -> None
                 view = storage.as_strided(e.shape, e.stride, offset)
                 view.copy_(local(value))
                 state[key] = like_param(view, e.param)
+        if e.factorised and state[FACTOR_KEYS[0]] is None:  # a new parameter: its factors go straight here
+            factorise_into(e, [storage.as_strided(e.shape, e.stride, offset) for storage, offset in
+                               (placements[key] for key in FACTOR_KEYS[:2])], state, groups[e.group]["beta"])
         segment = lambda storage, offset: (  # noqa: E731
             storage[offset:offset + e.numel].detach() if storage.numel() else None)
         slot = lambda slots_: slots_[e.slot:e.slot + 1].detach() if e.factorised else None  # noqa: E731
@@ -237,6 +240,17 @@ def _allocate(bucket: Bucket, states: Any, groups: list[dict[str, Any]]) -> None
     bucket.started = started.to(device)
     bucket.slot_groups = slot_groups.to(device)
     bucket.telemetry_indices = sorted({e.telemetry_group for e in bucket.entries})
+
+
+def factorise_into(e: Entry, factors: list[Tensor], state: dict[str, Any], beta: float) -> None:
+    """Factorise a new parameter into its factors' places in the flat storage (one parameter's temporaries at a
+    time, not every parameter's m0 and w0 beside the storage), and overwrite it with m0 * w0."""
+    local_p = e.local()
+    with torch.no_grad():
+        for view, value in zip(factors, factorise(local_p.detach(), beta)):
+            view.copy_(value)
+        local_p.copy_(factors[0] * factors[1])
+    state.update(zip(FACTOR_KEYS[:2], (like_param(view, e.param) for view in factors)))
 
 
 def record(bucket: Bucket, e: Entry) -> None:

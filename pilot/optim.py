@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from pilot_kernels import KERNELS_INTERPRETED, HyperRow
 
 from .checks import check_bool_or_none, check_group, check_no_shared_memory, check_params
-from .factorisation import FACTOR_KEYS, PLAIN_KEYS, factorise, is_factorised_state, is_prunable
+from .factorisation import FACTOR_KEYS, PLAIN_KEYS, is_factorised_state, is_prunable
 from .layout import (GroupNumbers, Layout, StepArgs, collect, lay_out, notice_outside_writes, settle_momentum,
                      step_bucket, telemetry)
 from .sharding import local
@@ -192,15 +192,8 @@ class FusedPILoTSGD(Optimizer):
             raise
         if self._capturable:
             make_capturable(group, keep=own_tensors)
-        for p in group["params"]:
-            local_p = local(p)
-            if self._factorises(p, group):
-                m0, w0 = factorise(local_p.detach(), group["beta"])
-                with torch.no_grad():
-                    local_p.copy_(m0 * w0)
-                self.state[p] = dict(zip(FACTOR_KEYS, (m0, w0, None, None)))  # buffers: from the first step
-            else:
-                self.state[p] = dict.fromkeys(PLAIN_KEYS)
+        for p in group["params"]:  # m and w None: factorised into the flat storage when it is laid out
+            self.state[p] = dict.fromkeys(FACTOR_KEYS if self._factorises(p, group) else PLAIN_KEYS)
         self._lay_out()
 
     @staticmethod

@@ -295,3 +295,18 @@ def test_sparse_gradient_is_rejected() -> None:
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="sparse"):
         optimizer.step()
+
+
+def test_construction_peak_memory_is_the_state_and_one_parameters_temporaries() -> None:
+    """Creating the optimizer factorises each parameter straight into the flat storage: its peak is the storage
+    (m, w and the two buffers: 16 B per element) plus one parameter's temporaries, not every parameter's m0 and w0
+    beside the storage. Measured by the CPU profiler's allocation events (bench.memory)."""
+    from bench.memory import peak_step_memory
+
+    count, numel = 8, 2**19
+    params = [nn.Parameter(torch.randn(2**9, 2**10)) for _ in range(count)]
+    state_bytes = 16 * count * numel
+    largest = 4 * numel
+    peak = peak_step_memory(lambda: lambda: FusedPILoTSGD(params, lr=0.1, momentum=0.9, alpha=1e-3),
+                            torch.device("cpu"), warmup=0)
+    assert state_bytes <= peak <= state_bytes + 8 * largest, (peak - state_bytes) / largest
