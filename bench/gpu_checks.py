@@ -6,10 +6,10 @@ per-step schedule (lr by LambdaLR, alpha edited at every step): FusedPILoTSGD (t
 GPU), and the model parametrised as x = m * w trained by ``torch.optim.SGD(weight_decay=alpha)`` on the factors. A
 case passes when, after its last step,
 
-* every weight, factor and parameter is within ``tolerance`` of the reference's in relative L2 norm,
-  :math:`\\lVert p - q \\rVert_2 / \\lVert q \\rVert_2` (fp32 training is expected to agree to a few ulps, since the
-  kernel computes SGD's multiply-adds as fmas in SGD's order; bf16 drifts: the reference keeps plain parameters and
-  their momentum in bf16 and rounding differences feed back through the loss);
+* every tensor the reference trains (factors, plain parameters) is within ``tolerance`` of pilot's, relative to how
+  far training moved it: :math:`\\lVert p - q \\rVert_2 / \\lVert q - q_0 \\rVert_2` (fp32 training is expected to
+  agree to a few ulps, since the kernel computes SGD's multiply-adds as fmas in SGD's order; in bf16 a difference of
+  an ulp in m * w can flip the rounding of x, which feeds back through the loss);
 * every factorised parameter holds exactly round(m * w) in its dtype, as the compiled kernel writes it;
 * :meth:`FusedPILoTSGD.l1_norm` and :meth:`density` equal the sums over the parameters (l1 within 1e-5).
 """
@@ -106,7 +106,7 @@ class ParityCase:
     steps: int
     batch_size: int
     image_size: int
-    tolerance: float  # relative L2 distance to the reference allowed after the last step
+    tolerance: float  # distance to the reference allowed after the last step, relative to the training's movement
     backend: str = "auto"  # FusedPILoTSGD's: the Triton kernel on CUDA (the interpreter under TRITON_INTERPRET=1)
 
     def build(self) -> nn.Module:
@@ -121,8 +121,9 @@ def make_model(name: str, image_size: int, classes: Optional[int] = None) -> nn.
     return SmallCNN(classes) if name == "small-cnn" else build_model(name, classes, 3, image_size)
 
 
-# The paper's CIFAR settings (bench.contenders.Hyper) with a per-step schedule: lr by a cosine LambdaLR, alpha
-# multiplied by ALPHA_DECAY at every step.
+# SGD with momentum and a per-step schedule: lr by a cosine LambdaLR, alpha multiplied by ALPHA_DECAY at every
+# step. lr is lower than the paper's 0.1: ResNet-18 on random batches diverges at 0.05, and a diverging run amplifies
+# rounding differences.
 HYPER = dict(lr=0.02, momentum=0.9, weight_decay=5e-4)
 ALPHA, BETA, ALPHA_DECAY = 1e-3, 1.0, 0.97
 
