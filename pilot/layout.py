@@ -32,9 +32,8 @@ def is_non_overlapping_and_dense(t: Tensor) -> bool:
 
 
 def same_memory_order(shape: tuple[int, ...], strides: tuple[int, ...], others: tuple[int, ...]) -> bool:
-    """Whether two tensors of ``shape`` with these strides lay their elements out in the same order, as autograd
-    compares layouts: the stride of a dimension of size 1 never moves an element (a 1x1 conv weight is both
-    contiguous and channels_last, and its gradient may come back with either strides)."""
+    """Whether tensors of ``shape`` with these strides order their elements alike, as autograd compares layouts: the
+    stride of a size-1 dimension moves nothing (a 1x1 conv weight's gradient may come back contiguous)."""
     return all(a == b for a, b, size in zip(strides, others, shape) if size != 1)
 
 
@@ -224,8 +223,8 @@ def _allocate(bucket: Bucket, states: Any, groups: list[dict[str, Any]]) -> None
                 view.copy_(local(value))
                 state[key] = like_param(view, e.param)
         if e.factorised and state[FACTOR_KEYS[0]] is None:  # a new parameter: its factors go straight here
-            factorise_into(e, [storage.as_strided(e.shape, e.stride, offset) for storage, offset in
-                               (placements[key] for key in FACTOR_KEYS[:2])], state, groups[e.group]["beta"])
+            factorise_into(e, [storage.as_strided(e.shape, e.stride, offset) for storage, offset in (
+                placements[key] for key in FACTOR_KEYS[:2])], state, groups[e.group]["beta"])
         segment = lambda storage, offset: (  # noqa: E731
             storage[offset:offset + e.numel].detach() if storage.numel() else None)
         slot = lambda slots_: slots_[e.slot:e.slot + 1].detach() if e.factorised else None  # noqa: E731
@@ -386,10 +385,9 @@ def telemetry(layout: Layout) -> tuple[float, int]:
 
 
 def collect(bucket: Bucket) -> Work:
-    """The entries of ``bucket`` that have a gradient.
-
-    Empty tensors are not stepped but count as stepped: their state must look like that of the other shards of
-    the same parameter on other ranks (collectives and checkpoints expect the same keys)."""
+    """The entries of ``bucket`` that have a gradient. Empty tensors are not stepped but count as stepped: their state
+    must look like that of the other shards of the same parameter on other ranks (collectives and checkpoints expect
+    the same keys)."""
     work = Work([], [], [])
     # Runs over every parameter at every step, and host time matters (the H100 kernel step of ResNet-50 takes
     # about 310 us): names are bound once
