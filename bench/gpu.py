@@ -20,12 +20,13 @@ Five parts, in this order (the plan and its sizes: :mod:`bench.gpu_run`):
 ``--budget SECONDS`` bounds the run: parts 1 and 2 always run, parts 3 to 5 shrink or are skipped (the JSON says
 which) when what is left would not hold them. Writes DIR/gpu.json (every figure as {min, median, max, unit,
 samples}) and prints a summary. Exit status 1 if a CUDA test, a parity case or a correctness check failed (or a
-part crashed), else 0.
+part crashed), 2 if pilot cannot be imported with the machine's packages, else 0.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -54,8 +55,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)
-    from .gpu_run import run
-
+    try:
+        from .gpu_run import run
+    except ModuleNotFoundError as error:  # the GPU machine has its own packages, and nothing can be installed there
+        print(f"python -m bench.gpu: pilot or bench needs {error.name!r}, which is not installed here ({error})",
+              file=sys.stderr)
+        return 2
     return run(args.out, args.budget, args.dry_run)
 
 
