@@ -20,8 +20,6 @@ import json
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-import safetensors.torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .atomic import atomic_write
@@ -74,6 +72,7 @@ def save_sparse(model: nn.Module, path: PathLike, *, model_name: Optional[str] =
     info = {**given, "format": FORMAT, "format_version": FORMAT_VERSION, "pilot_version": pilot.__version__,
             "model": model_name or type(model).__name__, "method": method,
             "sparsity": repr(sparsity_report(model).sparsity), "layout": json.dumps(layout, separators=(",", ":"))}
+    import safetensors.torch  # here, not at import: `import pilot` must work without it (a GPU image may lack it)
     data = safetensors.torch.save(tensors, metadata=info)
     atomic_write(Path(path), lambda file: file.write(data), binary=True)
     return info
@@ -87,6 +86,7 @@ def dense_fp32_bytes(model: nn.Module) -> int:
 
 def _read(path: Path, *, tensors: bool = True) -> tuple[dict[str, str], dict[str, Tensor]]:
     """The metadata and (if ``tensors``) every tensor of the safetensors file at ``path``."""
+    from safetensors import SafetensorError, safe_open  # see save_sparse
     try:
         with safe_open(str(path), framework="pt") as file:
             return dict(file.metadata() or {}), {name: file.get_tensor(name) for name in file.keys() if tensors}

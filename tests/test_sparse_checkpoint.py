@@ -248,3 +248,12 @@ def test_python_dash_m_pilot_export_runs(tmp_path: Path) -> None:
                              "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "x the dense fp32 state dict" in result.stdout
+
+
+def test_pilot_imports_without_safetensors() -> None:
+    """The GPU image has no safetensors: `import pilot` (and with it bench.gpu) must not need it."""
+    import subprocess
+    import sys
+    code = "import sys; sys.modules['safetensors'] = None; import pilot; print(pilot.save_sparse.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "save_sparse", result.stderr

@@ -30,8 +30,12 @@ from pilot.train.config import Config
 # The settings shown for each method (those a sweep varies).
 # Methods whose regularisation is applied outside the momentum buffer (ProxSGD's proximal map).
 OUTSIDE_MOMENTUM = frozenset({"lasso"})
-SETTINGS = {"pilot": ("alpha", "beta", "factor", "sparsity_signal", "threshold", "alpha_update"), "spred": ("alpha",),
-            "lasso": ("lasso_lambda",), "str": ("str_weight_decay", "str_init"), "dense": ("weight_decay",)}
+# Unset ones (None: an untargeted run's target, a targeted run's fixed strength) are left out.
+SETTINGS = {"pilot": ("target_sparsity", "alpha", "beta", "alpha_schedule", "factor", "sparsity_signal", "threshold",
+                      "alpha_update"),
+            "spred": ("target_sparsity", "alpha", "alpha_schedule"), "lasso": ("target_sparsity", "lasso_lambda"),
+            "str": ("target_sparsity", "str_weight_decay", "str_init"), "dense": ("weight_decay",),
+            "gmp": ("target_sparsity",)}
 
 
 def run_row(run: Path, split: str) -> dict[str, Any]:
@@ -40,7 +44,8 @@ def run_row(run: Path, split: str) -> dict[str, Any]:
     config = Config.from_json(summary["config"]).to_json()  # in today's keys, whichever version wrote it
     row: dict[str, Any] = {"run": run.name, "method": config["method"],
                            "settings": ", ".join(f"{key} {config[key]:g}" if isinstance(config[key], float)
-                                                 else f"{key} {config[key]}" for key in SETTINGS[config["method"]]),
+                                                 else f"{key} {config[key]}" for key in SETTINGS[config["method"]]
+                                                 if config[key] is not None),
                            "epochs": summary["epochs"], "seed": config["seed"]}
     final = summary["final"]
     row["unpruned"] = (final[f"{split}_accuracy"], final.get(f"{split}_accuracy{RECALIBRATED}"))
