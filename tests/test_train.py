@@ -413,7 +413,7 @@ def test_batchnorm_recalibration_and_per_layer_density(tmp_path: Path, data_root
     models carry the recalibrated statistics, and resuming the finished run evaluates it again with new settings."""
     out = tmp_path / "run"
     assert run(out, data_root, "--model", "resnet20", "--epochs", "1", "--sparsity", "0.5", "0.9",
-               "--bn-recalibration", "2") == 0
+               "--bn-recalibration", "2", "--target-sparsity", "0.9") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bn_recalibration_batches"] == 2
     assert {"test_accuracy", "test_accuracy_bn"} <= summary["final"].keys()
