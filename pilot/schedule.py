@@ -393,11 +393,12 @@ class SparsityTarget:
         self.may_grow = train_accuracy >= self.previous_accuracy
         self.previous_accuracy = float(train_accuracy)
 
-    def step(self) -> list[float]:
-        """After each optimizer step: every ``interval`` steps, measure and move the strengths; returns them."""
+    def step(self) -> None:
+        """After each optimizer step: every ``interval`` steps, measure and move the strengths (the steps between
+        touch nothing: no read of the strengths, which under ``capturable`` live on the device)."""
         self.k += 1
         if self.k % self.interval:
-            return self.strengths()
+            return
         self.last_density = density = float(self.measure())
         plan = self.course.density(self.k)
         exponent = self.control(density, plan) / self.span
@@ -410,7 +411,6 @@ class SparsityTarget:
             value = min(max(float(self.optimizer.param_groups[i][self.key]) * scale, initial * self.limits[0]),
                         initial * self.limits[1], self.maximum)
             set_group_value(self.optimizer.param_groups[i], self.key, value)
-        return self.strengths()
 
     def control(self, density: float, plan: float) -> float:
         """u in [-1, 1]: how hard to push, from the measured and the planned density."""
@@ -436,8 +436,7 @@ def sparsity_target(optimizer: Optimizer, sparsity: float, total: int, *, algori
     ``algorithm1``, else alpha held on the plan (spred). ``total``: the optimizer steps of training; ``options``
     go to :class:`SparsityTarget` (``start`` and ``end`` to the course)."""
     course = SparsityCourse(sparsity, total, **{key: options.pop(key) for key in ("start", "end") if key in options})
-    groups = [i for i, group in enumerate(optimizer.param_groups)
-              if any(is_factorised(optimizer, p) for p in group["params"])]
-    factorised_groups(optimizer)  # raises the clear error when there is none
+    factorised = factorised_groups(optimizer)
+    groups = [i for i, group in enumerate(optimizer.param_groups) if any(group is f for f in factorised)]
     return SparsityTarget(optimizer, course, lambda: effective_density(prunable_parameters(optimizer)[0]),
                           key="alpha", groups=groups, accuracy_rule=algorithm1, release=algorithm1, **options)

@@ -28,6 +28,8 @@ ALPHA_UPDATES = ("epoch", "step")
 # (spred's); with --target-sparsity, Algorithm 1's accuracy rule and release, or alpha held on the plan.
 ALPHA_SCHEDULES = ("algorithm1", "constant")
 FACTORISED = ("pilot", "spred")  # the methods that train with FusedPILoTSGD
+# The setting that holds each steered method's strength (--target-sparsity starts it from the recipe's integral).
+STRENGTH_SETTINGS = {"pilot": "alpha", "spred": "alpha", "lasso": "lasso_lambda", "str": "str_weight_decay"}
 
 # The model each dataset is trained with when --model is not given (the paper's choice where it has one).
 DEFAULT_MODELS = {"fashion-mnist": "lenet300-100", "cifar10": "resnet20", "cifar100": "resnet18-cifar",
@@ -482,10 +484,8 @@ def resolve(args: argparse.Namespace) -> Config:
         raise ValueError("--method gmp prunes along the course to --target-sparsity: give one (e.g. 0.95)")
     alpha_schedule = _default(args.alpha_schedule, {"pilot": "algorithm1", "spred": "constant"}.get(method))
     # With a target and no strength given, the strength starts from the recipe's integral (methods.py).
-    strength_flag = {"pilot": args.alpha, "spred": args.alpha, "lasso": args.lasso_lambda,
-                     "str": args.str_weight_decay}
-    integral = defaults["strength_integral"] if target is not None and method in strength_flag \
-        and strength_flag[method] is None else None
+    integral = defaults["strength_integral"] if target is not None and method in STRENGTH_SETTINGS \
+        and getattr(args, STRENGTH_SETTINGS[method]) is None else None
     # Algorithm 1's own settings: only where it runs without a target (the target replaces its threshold).
     algorithm1 = alpha_schedule == "algorithm1" and target is None
     if not algorithm1:

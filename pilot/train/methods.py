@@ -28,7 +28,7 @@ from pilot.optim import FusedPILoTSGD
 from pilot.pruning import sparsity_report
 from pilot.schedule import PILoTSchedule, SparsityCourse, SparsityTarget, sparsity_target
 
-from .config import Config
+from .config import STRENGTH_SETTINGS, Config
 
 
 def lr_multiplier(config: Config, steps_per_epoch: int) -> Callable[[int], float]:
@@ -195,8 +195,7 @@ def starting_strengths(config: Config, steps_per_epoch: int) -> Config:
     if config.strength_integral is None:
         return config
     start = min(config.strength_integral / lr_sum(config, steps_per_epoch), strength_ceiling(config))
-    key = {"pilot": "alpha", "spred": "alpha", "lasso": "lasso_lambda", "str": "str_weight_decay"}[config.method]
-    return dataclasses.replace(config, **{key: start})
+    return dataclasses.replace(config, **{STRENGTH_SETTINGS[config.method]: start})
 
 
 def make_optimizer(config: Config, model: nn.Module) -> Optimizer:
@@ -227,10 +226,10 @@ def make_target(config: Config, model: nn.Module, optimizer: Optimizer, total: i
     the exact density, or gmp's pruning."""
     if config.target_sparsity is None:
         return None
-    course = SparsityCourse(config.target_sparsity, total)
     if config.method in ("pilot", "spred"):
         return sparsity_target(optimizer, config.target_sparsity, total, maximum=strength_ceiling(config),
                                algorithm1=config.alpha_schedule == "algorithm1")
+    course = SparsityCourse(config.target_sparsity, total)
     if config.method == "gmp":
         return GradualMagnitudePruning(optimizer, course)
     group, key = STRENGTH[config.method]
