@@ -112,6 +112,8 @@ def finish(config: Config, data: Data, model: nn.Module, progress: Progress, *, 
                                                              "regularisation_integral") if key in final}},
         "bn_recalibration_batches": config.bn_recalibration,
         "target": target_reached(config, final),
+        # the diverged epochs retried from the last checkpoint with a lower learning rate (pilot.train.loop)
+        "recoveries": progress.recoveries,
         "pruned": pruned,
         "one_shot": curve,
     }

@@ -52,6 +52,15 @@ VALIDATION_SPLIT_SEED = 0
 RECALIBRATION_SEED = 1
 # Progress-bar statistics are refreshed this many times per epoch (each refresh waits for the device).
 BAR_UPDATES_PER_EPOCH = 20
+# A diverged epoch is retried from the last checkpoint with the learning rate times RECOVERY_LR_FACTOR, at most
+# MAX_RECOVERIES times in a run; the next divergence ends the run with the error.
+RECOVERY_LR_FACTOR = 0.5
+MAX_RECOVERIES = 2
+# A training loss above this many times that of a uniform guess (ln of the number of classes), averaged over the
+# steps since the last progress refresh, counts as diverged as a nan does: such a blow-up does not come back
+# before the epoch's checkpoint would keep it (LeNet-300-100 at lr 0.3 reached a loss of 66,000 in its first
+# epoch on 2,000 Fashion-MNIST images in batches of 64, and nan in its second).
+DIVERGED_LOSS_FACTOR = 10.0
 
 
 class TrainingDiverged(RunError):
@@ -91,6 +100,8 @@ class Progress:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     initial_l1: Optional[float] = None
+    # One record per diverged epoch retried with a lower learning rate: epoch, cycle, error, lr_factor (cumulative)
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_data(config: Config, place: Distributed = SINGLE) -> Data:
@@ -102,7 +113,7 @@ def load_data(config: Config, place: Distributed = SINGLE) -> Data:
 
     The recalibration batches are augmented as in training: the running statistics the network was trained with
     describe augmented inputs (measured on ResNet-20 / CIFAR-10, un-augmented recalibration batches cost 1-1.5
-    points of validation accuracy at 0-98% sparsity against augmented ones, docs/results.md)."""
+    points of validation accuracy at 0-98% sparsity against augmented ones, docs/study/2026-11-fixed-strength.md)."""
     try:
         bundle = load_datasets(config.data, config.data_root, augment=config.augment, limit=config.limit)
         unaugmented = bundle
@@ -221,6 +232,7 @@ def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     refresh_every = max(1, len(loader) // BAR_UPDATES_PER_EPOCH)
+    window_start = (0.0, 0)  # the global loss sum and examples at the last refresh
     for step, (inputs, targets) in enumerate(loader, start=1):
         inputs = inputs.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
@@ -252,10 +264,17 @@ def train_one_epoch(method: Method, loader: DataLoader, *, device: torch.device,
             method.end_step()
         bar.update()
         if step % refresh_every == 0 or step == len(loader):
-            mean_loss = loss_sum.item() / seen
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(f"the training loss became {mean_loss} (step {step} of the epoch); lower "
-                                       "--lr" + (" or --alpha" if method.factorised else ""))
+            # Over all ranks, so that every rank sees a divergence at the same step (and recovers with the others)
+            loss_total, seen_total = place.all_reduce_sum([loss_sum.item(), seen], device)
+            mean_loss = loss_total / seen_total
+            window_loss = (loss_total - window_start[0]) / (seen_total - window_start[1])
+            window_start = (loss_total, seen_total)
+            limit = DIVERGED_LOSS_FACTOR * math.log(logits.shape[1])
+            if not math.isfinite(window_loss) or window_loss > limit:
+                what = f"became {window_loss}" if not math.isfinite(window_loss) else \
+                    f"rose to {window_loss:.4g}, over {DIVERGED_LOSS_FACTOR:g}x that of a uniform guess"
+                raise TrainingDiverged(f"the training loss {what} (step {step} of the epoch); lower --lr"
+                                       + (" or --alpha" if method.factorised else ""))
             postfix = {"loss": f"{mean_loss:.4f}", "acc": f"{correct.item() / seen:.2%}",
                        "density": f"{density(model):.2%}"}
             if method.alpha() is not None:
@@ -355,29 +374,60 @@ class Trainer:
                 optimizer.load_state_dict(self.cycle_end["optimizer"])
             return
         if self.checkpoint is not None:
-            if self.sharded_checkpoint is not None:
-                self.sharded_checkpoint.load(model, optimizer)
-                method.load_schedules_state_dict(self.checkpoint["method"])
-            else:
-                model.load_state_dict(self.checkpoint["model"])
-                method.load_state_dict(self.checkpoint["method"])  # after the model: FusedPILoTSGD sets x = m * w
-            _set_rng_state(self.checkpoint["rng"], self.data.train, self.place, seed=config.seed,
-                           epoch=cycle * config.epochs + self.progress.epoch)
+            self._load(method, self.checkpoint, cycle)
             self.checkpoint = None
         else:
             self.progress.cycle, self.progress.epoch = cycle, 0
             self.progress.initial_l1 = method.l1_norm()
+            self.save_checkpoint(method)  # where a divergence in the cycle's first epoch goes back to
         if self.network is None:
             # After the optimizer is built (FusedPILoTSGD rounds the weights to m0 * w0) and the checkpoint loaded:
             # DDP registers its gradient hooks on these parameter tensors, which pruning and rewinding only edit.
             self.network = self._network(model)
         for epoch in range(self.progress.epoch + 1, config.epochs + 1):
-            self.train_epoch(method, cycle, epoch)
+            self.train_epoch_recovering(method, cycle, epoch)
             if config.rewind == "wr" and cycle == 0 and epoch == config.rewind_epoch:
                 self.iterative.save_rewind_point()
             self.save_checkpoint(method)
         if cycle < config.cycles:
             self.cycle_end = _snapshot(method)
+
+    def _load(self, method: Method, checkpoint: dict[str, Any], cycle: int) -> None:
+        """Set the model, the optimizer, the schedules and the RNG states to ``checkpoint``'s (of a sharded one,
+        the part that is not the model's and the optimizer's, which are read from the shards)."""
+        if self.sharded_checkpoint is not None:
+            self.sharded_checkpoint.load(method.model, method.optimizer)
+            method.load_schedules_state_dict(checkpoint["method"])
+        else:
+            method.model.load_state_dict(checkpoint["model"])
+            method.load_state_dict(checkpoint["method"])  # after the model: FusedPILoTSGD sets x = m * w
+        _set_rng_state(checkpoint["rng"], self.data.train, self.place, seed=self.config.seed,
+                       epoch=cycle * self.config.epochs + self.progress.epoch)
+
+    def train_epoch_recovering(self, method: Method, cycle: int, epoch: int) -> None:
+        """:meth:`train_epoch`; if its loss diverges, go back to the last checkpoint (the end of the previous
+        epoch, or the start of the cycle), multiply the learning rate by :data:`RECOVERY_LR_FACTOR` for the rest
+        of the run and train the epoch again. The run keeps what it learnt before the divergence; the retried
+        epoch sees the same batches. After :data:`MAX_RECOVERIES` such retries the next divergence ends the run."""
+        while True:
+            try:
+                self.train_epoch(method, cycle, epoch)
+                return
+            except TrainingDiverged as error:
+                if len(self.progress.recoveries) >= MAX_RECOVERIES:
+                    raise TrainingDiverged(f"{error} (the run had gone back to its last checkpoint {MAX_RECOVERIES} "
+                                           f"times, each time with the learning rate x{RECOVERY_LR_FACTOR:g})") \
+                        from None
+                checkpoint = self.sharded_checkpoint.read_trainer_state() if self.sharded_checkpoint is not None \
+                    else self.place.from_main(lambda: read_checkpoint(self.out))
+                self._load(method, checkpoint, cycle)
+                method.scale_lr(RECOVERY_LR_FACTOR)
+                lr_factor = RECOVERY_LR_FACTOR ** (len(self.progress.recoveries) + 1)
+                self.progress.recoveries.append({"epoch": cycle * self.config.epochs + epoch, "cycle": cycle,
+                                                 "error": str(error), "lr_factor": lr_factor})
+                log.warning("epoch %d diverged (%s): back to the checkpoint after epoch %d, training on with the "
+                            "learning rate x%g", cycle * self.config.epochs + epoch, error, self.progress.epoch,
+                            lr_factor)
 
     def _network(self, model: nn.Module) -> nn.Module:
         """What runs the training forward and backward: ``model``, or its DistributedDataParallel in a distributed

@@ -129,6 +129,14 @@ class Method:
         if isinstance(self.target, SparsityTarget):
             self.target.end_epoch(train_accuracy)
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate by ``factor`` from this step on, for the rest of the LR schedule (its state
+        dict and the optimizer's carry the change into checkpoints)."""
+        self.lr_schedule.base_lrs = [lr * factor for lr in self.lr_schedule.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = group["initial_lr"] * factor
+            group["lr"] = group["lr"] * factor
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), **self.schedules_state_dict()}
 
