@@ -4,7 +4,7 @@ The factors m and w of a weight that PILoT or spred drives to zero decay geometr
 weights x = m * w fall below float32's smallest normal number (1.2e-38). x86 CPUs compute on such subnormal values
 one to two orders of magnitude slower (a microcode assist per operation), and every convolution multiplies each of
 them with every input position. Measured on ResNet-20 after 21 of 30 epochs of F-pilot-a1.3e-3-s0
-(docs/results.md): 177 subnormal weights of 270k (0.07%) made a forward and backward of 128 images take 0.96-1.3 s
+(docs/study/2026-11-fixed-strength.md): 177 subnormal weights of 270k (0.07%) made a forward and backward of 128 images take 0.96-1.3 s
 against 0.55 s with them flushed (one thread), and the run's epochs grew from 71 s to 143 s. A weight below 1e-38
 is zero for every purpose the model has, so flushing changes no result that matters; CUDA kernels are unaffected.
 """
