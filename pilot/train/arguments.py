@@ -1,4 +1,6 @@
-"""The command line of ``python -m pilot.train``: its options, their argument types and their --help."""
+"""The command line of ``python -m pilot.train``: its options, their argument types and their --help. The options
+whose default depends on the dataset (and the method) have none here: each dataset's recipe
+(:mod:`.recipe_files`) holds it, and --help shows it."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +16,8 @@ from pilot.optim import BACKENDS
 from pilot.pruning import CRITERIA, SCOPES
 from pilot.schedule import SIGNALS
 
-from .method_settings import METHODS
-from .recipe_files import DEFAULT_MODELS, RECIPES, recipe_names
+from .method_settings import METHODS, methods_of
+from .recipe_files import RECIPES, recipe_names
 
 LR_SCHEDULES = ("cosine", "step", "constant")
 ALPHA_UPDATES = ("epoch", "step")
@@ -24,8 +26,7 @@ ALPHA_UPDATES = ("epoch", "step")
 ALPHA_SCHEDULES = ("algorithm1", "constant")
 CONV_INITS = ("fan-out", "fan-in")
 TARGET_OFF = "off"  # --target-sparsity off: the fixed strengths (and Algorithm 1's threshold), no target
-DEFAULT_BETA = 1.0
-DEFAULT_STR_INIT = -5.0
+# Iterative pruning's defaults; no recipe holds them, since it runs only where --cycles is given.
 ITERATIVE_DEFAULTS = {"prune_rate": 0.2, "rewind": "lrr", "rewind_epoch": 1}
 
 
@@ -58,7 +59,6 @@ _val_fraction = _number(float, low=0.0, high=1.0, high_open=True)
 _factor = _number(float, low=1.0)
 
 
-
 def _target(text: str) -> Union[float, str]:
     """argparse type of --target-sparsity: a sparsity in (0, 1), or "off"."""
     return TARGET_OFF if text == TARGET_OFF else _fraction_open(text)
@@ -78,25 +78,30 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return " ".join(map(_shown, value))
     return f"{value:g}" if isinstance(value, float) else f"{value}"
 
 
 def _per_dataset(key: str) -> str:
-    """The recipes' defaults of ``key`` for --help: one value if all agree, else each dataset's (and, where the
-    methods differ, each method's)."""
-    described = []
-    for values in RECIPES.values():
-        value = values[key]
-        if not isinstance(value, dict):
-            described.append(_shown(value))
-            continue
+    """The recipes' values of ``key`` (a recipe key) for --help: one if all agree, else each dataset's (and where
+    the methods differ, each method's); datasets whose recipe does not state it are left out."""
+    datasets_by_text: dict[str, list[str]] = {}
+    for data, recipe in RECIPES.items():
         methods_by_value: dict[str, list[str]] = {}
-        for method, method_value in value.items():
-            methods_by_value.setdefault(_shown(method_value), []).append(method)
-        described.append(", ".join(f"{shown} ({'/'.join(methods)})" for shown, methods in methods_by_value.items()))
-    if len(set(described)) == 1:
-        return described[0]
-    return "; ".join(f"{text} for {data}" for data, text in zip(RECIPES, described))
+        for method in methods_of(key.replace("-", "_")):
+            value = recipe.value(key, method)
+            if value is not None:
+                methods_by_value.setdefault(_shown(value), []).append(method)
+        if methods_by_value:
+            text = next(iter(methods_by_value)) if len(methods_by_value) == 1 else ", ".join(
+                f"{shown} ({'/'.join(methods)})" for shown, methods in methods_by_value.items())
+            datasets_by_text.setdefault(text, []).append(data)
+    if len(datasets_by_text) == 1 and len(next(iter(datasets_by_text.values()))) == len(RECIPES):
+        return next(iter(datasets_by_text))
+    return "; ".join(f"{text} for {'/'.join(datasets)}" for text, datasets in datasets_by_text.items())
 
 
 def default_device() -> str:
@@ -108,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pilot.train",
         usage="%(prog)s [--method M] [--model NAME] [--data NAME] [--data-root PATH] [options]",
         description="Train a sparse network with PILoT (or a baseline), prune it and evaluate it. "
-                    "With no arguments: PILoT on Fashion-MNIST with LeNet-300-100, 10 epochs on the CPU in minutes.",
+                    "With no arguments: PILoT on Fashion-MNIST with LeNet-300-100, 10 epochs on the CPU in minutes. "
+                    "Defaults given per dataset come from its recipe, pilot/train/recipes/DATA.toml, which states "
+                    "every value --data DATA trains with.",
         epilog="Outputs in --out: config.json, metrics.jsonl (one record per epoch), checkpoint.pt (every epoch; "
                "with --fsdp the directory checkpoint.dcp), "
                "train.log, curves.png, one_shot.json / one_shot.png (accuracy after one-shot magnitude pruning at "
@@ -122,17 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pilot: FusedPILoTSGD (beta > 0) with the dynamic alpha schedule; spred: beta = 0 and "
                            "constant alpha; lasso: proximal SGD with an L1 penalty; str: soft threshold "
                            "reparameterisation; dense: plain SGD (pruned one-shot at the end)")
-    what.add_argument("--data", choices=DATASET_NAMES, default="fashion-mnist", help="dataset")
+    what.add_argument("--data", choices=DATASET_NAMES, default="fashion-mnist",
+                      help="dataset, and with it the recipe of the values given per dataset below")
     what.add_argument("--data-root", metavar="PATH",
                       help="dataset directory or archive (default: the dataset's built-in locations)")
     what.add_argument("--model", choices=MODEL_NAMES,
-                      help="default: " + ", ".join(f"{m} for {d}" for d, m in DEFAULT_MODELS.items()))
+                      help="default: " + _per_dataset("model"))
     what.add_argument("--limit", type=_positive_int, metavar="N",
                       help="use a fixed random subset of N examples of each split (quick runs)")
     what.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                      help="train with the dataset's random crops and flips (default: "
-                           + ", ".join(f"{'on' if r['augment'] else 'off'} for {d}" for d, r in RECIPES.items())
-                           + ")")
+                      help="train with the dataset's random crops and flips; default: " + _per_dataset("augment"))
     what.add_argument("--val-fraction", type=_val_fraction, default=0.0, metavar="F",
                       help="hold out this fraction of the training set (not augmented) as a validation split, "
                            "to select hyper-parameters without looking at the test set")
@@ -140,26 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=_positive_int, metavar="N",
                        help="epochs (of each cycle with --cycles); default: " + _per_dataset("epochs"))
-    optim.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="training batch size")
+    optim.add_argument("--batch-size", type=_positive_int, metavar="N",
+                       help="training batch size (under torchrun the global batch); default: "
+                            + _per_dataset("batch-size"))
     optim.add_argument("--lr", type=_positive, help="peak learning rate; default: " + _per_dataset("lr"))
-    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
-                       help="cosine: to 0 at the last epoch; step: multiply by --gamma at each milestone")
+    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                       help="cosine: to 0 at the last epoch; step: multiply by --gamma at each milestone; default: "
+                            + _per_dataset("lr-schedule"))
     optim.add_argument("--warmup-epochs", type=_non_negative_int, metavar="N",
                        help="ramp the learning rate up linearly over this many epochs first; default: "
-                            + _per_dataset("warmup_epochs"))
+                            + _per_dataset("warmup-epochs"))
+    recipe_milestones = _per_dataset("milestones")  # the recipes that state them
     optim.add_argument("--milestones", type=_positive_int, nargs="+", metavar="EPOCH",
-                       help="epochs after which --lr-schedule step decays (default: 50%% and 75%% of --epochs)")
-    optim.add_argument("--gamma", type=_fraction_open, default=0.1, help="decay of the step schedule")
-    optim.add_argument("--momentum", type=_momentum, default=0.9, help="SGD momentum")
-    optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False,
-                       help="Nesterov momentum")
-    optim.add_argument("--weight-decay", type=_non_negative, default=5e-4, metavar="WD",
-                       help="L2 weight decay (for pilot/spred: on the parameters that are not factorised)")
-    optim.add_argument("--label-smoothing", type=_number(float, low=0.0, high=1.0, high_open=True), default=0.0,
-                       metavar="EPS", help="label smoothing of the training loss (evaluation losses are plain)")
-    optim.add_argument("--conv-init", choices=CONV_INITS, default="fan-out",
+                       help="epochs after which --lr-schedule step decays; default: "
+                            + (f"{recipe_milestones}, else " if recipe_milestones else "")
+                            + "50%% and 75%% of --epochs")
+    optim.add_argument("--gamma", type=_fraction_open,
+                       help="decay of the step schedule; default: " + _per_dataset("gamma"))
+    optim.add_argument("--momentum", type=_momentum, help="SGD momentum; default: " + _per_dataset("momentum"))
+    optim.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
+                       help="Nesterov momentum; default: " + _per_dataset("nesterov"))
+    optim.add_argument("--weight-decay", type=_non_negative, metavar="WD",
+                       help="L2 weight decay (for pilot/spred: on the parameters that are not factorised); default: "
+                            + _per_dataset("weight-decay"))
+    optim.add_argument("--label-smoothing", type=_number(float, low=0.0, high=1.0, high_open=True), metavar="EPS",
+                       help="label smoothing of the training loss (evaluation losses are plain); default: "
+                            + _per_dataset("label-smoothing"))
+    optim.add_argument("--conv-init", choices=CONV_INITS,
                        help="Kaiming-normal init of the convolutions with fan-out (torchvision's) or fan-in "
-                            "(STR's ImageNet setup)")
+                            "(STR's ImageNet setup); default: " + _per_dataset("conv-init"))
 
     reg = parser.add_argument_group("sparsifying regularisation")
     reg.add_argument("--target-sparsity", type=_target, metavar="S|off",
@@ -168,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(pilot.schedule.SparsityCourse); pilot/spred/lasso/str steer their strength (alpha, "
                           "--lasso-lambda, --str-weight-decay, which then only set where it starts) so that their "
                           "density follows it, gmp prunes along it; off: the fixed strengths and Algorithm 1's "
-                          "threshold of the earlier recipes; default: " + _per_dataset("target_sparsity"))
+                          "threshold of the earlier recipes; default: " + _per_dataset("target-sparsity"))
     reg.add_argument("--alpha-schedule", choices=ALPHA_SCHEDULES,
                      help="pilot/spred: algorithm1 (pilot's default: the accuracy rule, and with --target-sparsity "
                           "the release of alpha once the target is reached) or constant (spred's default: alpha held, "
@@ -176,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "paper's ablations of the init against the schedule")
     reg.add_argument("--alpha", type=_non_negative,
                      help="pilot/spred: initial weight decay on the factors m, w; default: " + _per_dataset("alpha"))
-    reg.add_argument("--beta", type=_positive, help="pilot: initial imbalance m^2 - w^2 of the factors "
-                                                    f"(default {DEFAULT_BETA:g}; spred is beta = 0)")
+    reg.add_argument("--beta", type=_positive,
+                     help="pilot: initial imbalance m^2 - w^2 of the factors (spred is beta = 0); default: "
+                          + _per_dataset("beta"))
     reg.add_argument("--factor", type=_factor,
                      help="pilot: alpha is multiplied or divided by this at each update (after each epoch, or "
                           "each optimizer step with --alpha-update step: then use a factor close to 1); "
@@ -185,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--alpha-update", choices=ALPHA_UPDATES,
                      help="pilot: apply Algorithm 1 after each epoch with the epoch's training accuracy (the "
                           "paper's Algorithm 1), or after each optimizer step with a running training accuracy "
-                          "(the paper's prose; see --accuracy-window); default: " + _per_dataset("alpha_update"))
+                          "(the paper's prose; see --accuracy-window); default: " + _per_dataset("alpha-update"))
     reg.add_argument("--accuracy-window", type=_positive_int, metavar="STEPS",
                      help="pilot with --alpha-update step: the running training accuracy is an exponential "
                           "average over about this many steps (default: one epoch's steps)")
@@ -194,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "factorised weights (the paper's; under BatchNorm it also falls when layers merely "
                           "shrink); effective-density: per-layer (pi/2)*|x|_1^2/(n*|x|_2^2), size-weighted, 1 for "
                           "Gaussian weights and p when the mass sits on a fraction p of them (scale-invariant); "
-                          "default: " + _per_dataset("sparsity_signal"))
+                          "default: " + _per_dataset("sparsity-signal"))
     reg.add_argument("--threshold", type=_non_negative, metavar="K",
                      help="pilot: alpha only grows while the signal is at least K; for l1 a fraction of its value "
                           "at initialisation (see --threshold-absolute), for effective-density a density; "
@@ -203,17 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read --threshold as an absolute value of the signal, not a fraction of its initial one "
                           "(effective-density thresholds are always absolute)")
     reg.add_argument("--lasso-lambda", type=_positive, metavar="LAMBDA",
-                     help="lasso: strength of the L1 penalty; default: " + _per_dataset("lasso_lambda"))
+                     help="lasso: strength of the L1 penalty; default: " + _per_dataset("lasso-lambda"))
     reg.add_argument("--str-init", type=_number(float, low=-math.inf), metavar="S",
-                     help="str: initial logit s of every layer's threshold sigmoid(s) "
-                          f"(default {DEFAULT_STR_INIT:g})")
+                     help="str: initial logit s of every layer's threshold sigmoid(s); default: "
+                          + _per_dataset("str-init"))
     reg.add_argument("--str-weight-decay", type=_non_negative, metavar="WD",
                      help="str: weight decay on the threshold logits s, which raises the thresholds; default: "
-                          + _per_dataset("str_weight_decay"))
+                          + _per_dataset("str-weight-decay"))
 
     prune = parser.add_argument_group("pruning")
-    prune.add_argument("--sparsity", type=_fraction_open, nargs="+", default=[0.9, 0.95, 0.98], metavar="S",
-                       help="target sparsities of the final one-shot pruning (a pruned model is saved for each)")
+    prune.add_argument("--sparsity", type=_fraction_open, nargs="+", metavar="S",
+                       help="target sparsities of the final one-shot pruning (a pruned model is saved for each; the "
+                            "--target-sparsity is always among them); default: " + _per_dataset("sparsity"))
     prune.add_argument("--curve", action=argparse.BooleanOptionalAction, default=True,
                        help="evaluate the one-shot curve at 1 - 0.8^k too, not only at --sparsity (--no-curve "
                             "makes the end of a hyper-parameter sweep run several times faster)")
@@ -227,8 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after pruning, re-estimate the BatchNorm statistics on this many batches of the "
                             "training set, augmented as in training (the same batches for every level and method; "
                             "only BatchNorm buffers change) and report the accuracy with and without; 0 = off; "
-                            "default: "
-                            + _per_dataset("bn_recalibration"))
+                            "default: " + _per_dataset("bn-recalibration"))
     prune.add_argument("--cycles", type=_non_negative_int, default=0, metavar="N",
                        help="iterative pruning: after the first training, this many cycles of prune "
                             "--prune-rate of the remaining weights, rewind and train again")
@@ -245,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--recipe", metavar="NAME_OR_PATH",
-                     help="read the settings of a TOML recipe first (flags given on the command line override "
-                          f"them): one of pilot's ({', '.join(recipe_names())}) or a file")
+                     help="a dataset's recipe by name, the same as --data with it (one of "
+                          f"{', '.join(recipe_names())}), or a TOML file of flag values of your own, read before the "
+                          "command line's flags (which override them)")
     run.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the init, shuffling and augmentation")
     run.add_argument("--device", default=default_device(),
                      help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
@@ -258,11 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "with FSDP2 (fully_shard), for models whose training state does not fit one device, "
                           "instead of replicating them with DDP; checkpoints are torch.distributed.checkpoint "
                           "directories")
-    run.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                     help="bf16 autocast for forward and backward (CUDA only)")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+    run.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                     help="bf16 autocast for forward and backward (CUDA only); default: " + _per_dataset("bf16"))
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                      help="channels_last memory format for the model and its inputs (on CUDA, faster "
-                          "convolutions under bf16)")
+                          "convolutions under bf16); default: " + _per_dataset("channels-last"))
     run.add_argument("--compile-model", action=argparse.BooleanOptionalAction, default=False,
                      help="torch.compile the model's training forward and backward (evaluation stays eager); on a "
                           "CPU ResNet-20 trains about 1.5x faster after a compilation of about 20 s")

@@ -1,6 +1,6 @@
 """The run configuration of ``python -m pilot.train``: :class:`Config`, how configurations of earlier versions
-load, and :func:`parse_config`, which resolves a command line into one (the options are in :mod:`.arguments`, the
-dataset recipes in :mod:`.recipe_files`)."""
+load, and :func:`parse_config`, which resolves a command line into one: the options given (:mod:`.arguments`) over
+the dataset's recipe (:mod:`.recipe_files`)."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import distributed
-from .arguments import DEFAULT_BETA, DEFAULT_STR_INIT, ITERATIVE_DEFAULTS, TARGET_OFF, build_parser
+from .arguments import ITERATIVE_DEFAULTS, TARGET_OFF, build_parser
 from .method_settings import METHOD_SETTINGS, METHODS, STRENGTH_SETTINGS
-from .recipe_files import DEFAULT_MODELS, RECIPES, read_recipe, recipe, recipe_arguments
+from .recipe_files import RECIPES, recipe_arguments
 
 # Settings that may differ between a run and its --resume without changing what is computed
 # (device and backend can change the last bits of the result, but moving a run to another machine is legitimate).
@@ -125,31 +125,33 @@ class Config:
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[Config, frozenset[str]]:
     """Parse the command line into a validated :class:`Config` with every default resolved, and the names of the
-    settings given explicitly (``--resume`` compares those with the saved run). With ``--recipe``, the recipe's
-    settings come first, so that the command line's flags override them (and they count as explicit)."""
+    settings given explicitly (``--resume`` compares those with the saved run; the dataset recipe's values are
+    defaults, not given). ``--recipe`` stands for arguments put before the command line's, so that its flags
+    override them (:func:`~pilot.train.recipe_files.recipe_arguments`)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     given, _ = parser.parse_known_args(argv)  # only --recipe and --method are read here
     if given.recipe is not None:
         try:
-            argv = recipe_arguments(read_recipe(given.recipe), parser, given.method, METHODS) + argv
+            argv = recipe_arguments(given.recipe, parser, given.method) + argv
         except ValueError as error:
             parser.error(str(error))
     args = parser.parse_args(argv)
     try:
-        config = resolve(args)
+        config = resolve(args, RECIPES[args.data].defaults(args.method, parser))
     except ValueError as error:
         parser.error(str(error))
-    # Parsed again without defaults: what remains was on the command line (or in the recipe).
+    # Parsed again without defaults: what remains was on the command line (or in a recipe file).
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return config, frozenset(vars(parser.parse_args(argv))) - {"recipe"}
 
 
-def resolve(args: argparse.Namespace) -> Config:
-    """Fill the method- and dataset-dependent defaults and check the combinations argparse cannot."""
+def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> Config:
+    """The :class:`Config` of the options ``args``, where not given ``defaults`` (the dataset recipe's values for
+    the method, :meth:`~pilot.train.recipe_files.DatasetRecipe.defaults`), checked for the combinations argparse
+    cannot check."""
     method = args.method
-    defaults = recipe(args.data, method)
     for key, methods in METHOD_SETTINGS.items():
         if getattr(args, key) is not None and method not in methods:
             raise ValueError(f"--{key.replace('_', '-')} applies to --method {'/'.join(methods)}, not {method}")
@@ -188,13 +190,16 @@ def resolve(args: argparse.Namespace) -> Config:
     warmup_epochs = _default(args.warmup_epochs, min(defaults["warmup_epochs"], epochs - 1))
     if warmup_epochs >= epochs:
         raise ValueError(f"--warmup-epochs ({warmup_epochs}) must be smaller than --epochs ({epochs})")
-    if args.milestones is not None and args.lr_schedule != "step":
+    lr_schedule = _default(args.lr_schedule, defaults["lr_schedule"])
+    if args.milestones is not None and lr_schedule != "step":
         raise ValueError("--milestones applies to --lr-schedule step")
-    milestones = tuple(sorted(set(args.milestones))) if args.milestones else ()
-    if args.lr_schedule == "step":
-        milestones = milestones or tuple(sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)}))
+    milestones = ()
+    if lr_schedule == "step":  # the given milestones, the recipe's, or 50% and 75% of the epochs
+        chosen = _default(args.milestones, defaults["milestones"])
+        milestones = tuple(sorted(set(chosen or {max(1, epochs // 2), max(1, (3 * epochs) // 4)})))
         if milestones[-1] > epochs:
-            raise ValueError(f"--milestones must lie within --epochs ({epochs}), got {list(milestones)}")
+            whose = "" if args.milestones else f" from the recipe of --data {args.data} (give --milestones)"
+            raise ValueError(f"--milestones must lie within --epochs ({epochs}), got {list(milestones)}{whose}")
     iterative = {key: getattr(args, key) for key in ITERATIVE_DEFAULTS}
     if args.cycles == 0 and any(value is not None for value in iterative.values()):
         raise ValueError("--prune-rate, --rewind and --rewind-epoch apply to iterative pruning (--cycles > 0)")
@@ -207,50 +212,52 @@ def resolve(args: argparse.Namespace) -> Config:
     device = torch.device(args.device)  # raises RuntimeError with torch's message for nonsense
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    if args.bf16 and device.type != "cuda":
-        raise ValueError("--bf16 autocast needs a CUDA device")
+    bf16 = _default(args.bf16, defaults["bf16"])
+    if bf16 and device.type != "cuda":
+        asked = "" if args.bf16 else f" (the recipe of --data {args.data} asks for it; pass --no-bf16)"
+        raise ValueError(f"--bf16 autocast needs a CUDA device{asked}")
     place = distributed.current()
-    if args.batch_size % place.world_size:
-        raise ValueError(f"--batch-size is the global batch; {args.batch_size} is not divisible by the "
+    batch_size = _default(args.batch_size, defaults["batch_size"])
+    if batch_size % place.world_size:
+        raise ValueError(f"--batch-size is the global batch; {batch_size} is not divisible by the "
                          f"{place.world_size} processes: pass a multiple of {place.world_size}")
     if args.sync_bn and not place.enabled:
         raise ValueError("--sync-bn needs several processes (torchrun --nproc-per-node N with N > 1); one process "
                          "already normalises over the whole batch")
     if args.sync_bn and device.type != "cuda":
         raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
-    model = args.model or DEFAULT_MODELS[args.data]
+    model = args.model or defaults["model"]
     # On CUDA the node's CPUs are shared by its processes (torchrun's LOCAL_WORLD_SIZE), each with its own workers.
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = args.workers if args.workers is not None else (
         min(8, max(1, _cpu_count() // local_processes)) if device.type == "cuda" else 0)
     out = args.out or f"runs/{method}-{model}-{args.data}-seed{args.seed}"
+    # The settings that are simply the given value, else the recipe's.
+    given_or_recipe = {key: _default(getattr(args, key), defaults[key]) for key in (
+        "augment", "lr", "gamma", "momentum", "nesterov", "weight_decay", "label_smoothing", "conv_init",
+        "bn_recalibration", "channels_last")}
+    sparsity = set(_default(args.sparsity, defaults["sparsity"])) | ({target} if target is not None else set())
     config = Config(
         method=method, data=args.data, data_root=args.data_root, model=model, limit=args.limit,
-        augment=_default(args.augment, defaults["augment"]), val_fraction=args.val_fraction, epochs=epochs,
-        batch_size=args.batch_size, lr=_default(args.lr, defaults["lr"]), lr_schedule=args.lr_schedule,
-        warmup_epochs=warmup_epochs,
-        milestones=milestones, gamma=args.gamma, momentum=args.momentum, nesterov=args.nesterov,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, conv_init=args.conv_init,
-        target_sparsity=target, strength_integral=integral,
+        val_fraction=args.val_fraction, epochs=epochs, batch_size=batch_size, lr_schedule=lr_schedule,
+        warmup_epochs=warmup_epochs, milestones=milestones, target_sparsity=target, strength_integral=integral,
         # None for the methods the recipe's alpha leaves out, and where the integral sets the start
         alpha=None if integral is not None else _default(args.alpha, defaults["alpha"]),
-        beta={"pilot": _default(args.beta, DEFAULT_BETA), "spred": 0.0}.get(method), alpha_schedule=alpha_schedule,
+        beta={"pilot": _default(args.beta, defaults["beta"]), "spred": 0.0}.get(method), alpha_schedule=alpha_schedule,
         factor=_default(args.factor, defaults["factor"]) if algorithm1 else None,
         sparsity_signal=sparsity_signal, threshold=_default(args.threshold, defaults["threshold"]) if algorithm1 else None,
         threshold_absolute=args.threshold_absolute, alpha_update=alpha_update,
         accuracy_window=args.accuracy_window,
         lasso_lambda=_default(args.lasso_lambda, defaults["lasso_lambda"]) if method == "lasso" and integral is None
         else None,
-        str_init=_default(args.str_init, DEFAULT_STR_INIT) if method == "str" else None,
+        str_init=_default(args.str_init, defaults["str_init"]) if method == "str" else None,
         str_weight_decay=_default(args.str_weight_decay, defaults["str_weight_decay"])
         if method == "str" and integral is None else None,
-        sparsity=tuple(sorted(set(args.sparsity) | ({target} if target is not None else set()))), curve=args.curve, prune_scope=args.prune_scope,
-        prune_criterion=args.prune_criterion,
-        bn_recalibration=_default(args.bn_recalibration, defaults["bn_recalibration"]), cycles=args.cycles,
-        **iterative, seed=args.seed,
-        device=str(device), sync_bn=args.sync_bn, fsdp=args.fsdp, bf16=args.bf16,
-        channels_last=args.channels_last, compile_model=args.compile_model, backend=args.backend, workers=workers,
-        out=out, resume=args.resume, overwrite=args.overwrite, progress=args.progress,
+        sparsity=tuple(sorted(sparsity)), curve=args.curve, prune_scope=args.prune_scope,
+        prune_criterion=args.prune_criterion, cycles=args.cycles, **iterative, seed=args.seed,
+        device=str(device), sync_bn=args.sync_bn, fsdp=args.fsdp, bf16=bf16, compile_model=args.compile_model,
+        backend=args.backend, workers=workers, out=out, resume=args.resume, overwrite=args.overwrite,
+        progress=args.progress, **given_or_recipe,
     )
     check_fsdp(config, place.world_size)
     return config

@@ -12,3 +12,11 @@ METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "sparsity_signal": FACTORISED, "threshold": FACTORISED, "alpha_update": FACTORISED,
     "accuracy_window": FACTORISED, "lasso_lambda": ("lasso",), "str_init": ("str",), "str_weight_decay": ("str",),
 }
+
+
+def methods_of(setting: str) -> tuple[str, ...]:
+    """The methods the setting ``setting`` (a Config field) applies to; the recipes' strength_integral applies to
+    the steered methods."""
+    if setting == "strength_integral":
+        return tuple(STRENGTH_SETTINGS)
+    return METHOD_SETTINGS.get(setting, METHODS)
