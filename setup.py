@@ -15,9 +15,10 @@ setup(
     python_requires=">=3.10",
     # bench/ runs from the checkout (python -m bench): installed, a top-level "bench" would shadow other packages
     packages=find_packages(include=["pilot", "pilot.*", "pilot_kernels", "pilot_kernels.*"]),
-    # The recipe files of python -m pilot.train --recipe NAME.
+    # Each dataset's recipe: every value python -m pilot.train --data NAME trains with.
     package_data={"pilot.train": ["recipes/*.toml"]},
-    install_requires=["torch", "triton", "numpy", "safetensors"],
+    # tomli reads the recipes where the standard library has no tomllib (Python 3.10).
+    install_requires=["torch", "triton", "numpy", "safetensors", "tomli>=1.1; python_version < '3.11'"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "torchvision", "tqdm", "matplotlib", "pillow"],
         "train": ["torchvision", "tqdm", "matplotlib", "pillow"],
