@@ -93,3 +93,27 @@ def test_the_third_divergence_ends_the_run_with_the_error(tmp_path: Path, data_r
     assert "the training loss became nan" in error and "2 times" in error and "x0.5" in error
     assert [r["epoch"] for r in records(out)] == [1]
     assert not (out / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the default recipe
+
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
+@pytest.mark.parametrize("args", [("--limit", "3000"), ("--limit", "3000", "--epochs", "4", "--batch-size", "128"),
+                                  ("--limit", "2000", "--batch-size", "64", "--epochs", "30"),
+                                  ("--limit", "2000", "--batch-size", "512", "--epochs", "30"),
+                                  ("--limit", "2000", "--batch-size", "64", "--epochs", "2")],
+                         ids=["3000", "3000-e4-b128", "2000-b64-e30", "2000-b512-e30", "2000-b64-e2"])
+def test_the_default_recipe_holds_when_only_the_data_batch_or_epochs_change(tmp_path: Path, args: tuple[str, ...]
+                                                                            ) -> None:
+    """The default command (pilot, LeNet-300-100, real Fashion-MNIST) on fewer images, other batch sizes and
+    epochs trains without a divergence to recover from, and learns. The recipe's earlier lr 0.3 diverged on the
+    first two (the issue's commands) and blew up in the first epoch on the third and fourth."""
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out), "--no-progress", "--no-curve"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recoveries"] == []
+    assert all(math.isfinite(r["train_loss"]) for r in records(out))
+    assert summary["final"]["test_accuracy"] > 0.6  # 10 classes

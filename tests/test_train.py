@@ -19,6 +19,7 @@ from pilot.train import loop as train_loop
 from pilot.train import main, parse_config
 from pilot.train.config import Config
 from pilot.train.methods import lr_multiplier
+from pilot.train.run_data import load_data
 
 IMAGE_SIZE, BLOCK = 12, 4
 TRAIN_SIZE, TEST_SIZE = 320, 120
@@ -55,8 +56,7 @@ def _one_thread() -> None:
 
 
 def run(out: Path, data_root: Path, *args: str) -> int:
-    """A short run on the synthetic data. lr 0.1: the recipe's 0.3 for pilot, spred and STR was selected for batches
-    of 256 real images and diverges on these batches of 32."""
+    """A short run on the synthetic data, with the learning rate pinned so that the recipe may change."""
     return main(["--data-root", str(data_root), "--out", str(out), "--batch-size", "32", "--epochs", "2", "--lr", "0.1",
                  "--no-progress", "--backend", "eager", *args])
 
@@ -446,7 +446,7 @@ def test_batchnorm_recalibration_and_per_layer_density(tmp_path: Path, data_root
 def test_recalibration_batches_repeat_and_leave_the_run_rng_alone(data_root: Path) -> None:
     config, _ = parse_config(["--data-root", str(data_root), "--augment", "--bn-recalibration", "3",
                               "--batch-size", "16", "--val-fraction", "0.25"])
-    data = train_loop.load_data(config)
+    data = load_data(config)
     state = torch.get_rng_state()
     first, second = list(data.recalibration), list(data.recalibration)
     assert torch.equal(torch.get_rng_state(), state)

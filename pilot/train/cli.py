@@ -26,8 +26,9 @@ from .config import Config, check_fsdp, parse_config
 from .distributed import Distributed
 from .finish import finish
 from .fsdp import gather_full_model, shard_model_
-from .loop import Trainer, augmentation_seed, load_data
+from .loop import Trainer, augmentation_seed
 from .methods import prepare_model
+from .run_data import load_data
 from .rundir import LOG, RunError, open_run_dir
 
 log = logging.getLogger("pilot.train")

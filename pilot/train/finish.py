@@ -22,7 +22,8 @@ from pilot.pruning import export_sparse, sparsity_report
 
 from .config import Config
 from .distributed import SINGLE, Distributed
-from .loop import Data, Progress
+from .loop import Progress
+from .run_data import Data
 from .rundir import (CURVES_PNG, LAYER_DENSITY_PNG, ONE_SHOT_JSON, ONE_SHOT_PNG, SUMMARY, pruned_model_name,
                      save_json, save_torch)
 from .subnormals import subnormals_flushed
