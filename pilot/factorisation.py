@@ -55,7 +55,20 @@ def factorise(x: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     if not x.is_floating_point():
         raise TypeError(f"factorise needs a floating-point tensor, got {x.dtype}")
     x32 = x.detach().float()
-    half_beta = beta / 2
-    m0 = torch.sqrt(half_beta + torch.hypot(torch.full_like(x32, half_beta), x32))
-    w0 = torch.where(m0 > 0, x32 / m0, torch.zeros_like(x32))
+    m0, w0 = torch.empty_like(x32), torch.empty_like(x32)
+    factorise_into(x32, m0, w0, beta)
     return m0, w0
+
+
+def factorise_into(x32: Tensor, m: Tensor, w: Tensor, beta: float) -> None:
+    """:func:`factorise` of the fp32 tensor ``x32`` written into ``m`` and ``w`` (fp32, shaped like x32; e.g. views
+    into FusedPILoTSGD's flat storage), with a byte mask as the only temporary.
+
+    Every element goes through the same operations as it always did (hypot, add, sqrt, divide, zero where m0 is
+    not > 0), each written in place, so the factors are bit for bit those of the out-of-place formula."""
+    half_beta = beta / 2
+    torch.hypot(m.fill_(half_beta), x32, out=m)  # hypot(beta/2, x), beta/2 filled in as full_like would
+    m.add_(half_beta).sqrt_()
+    torch.div(x32, m, out=w)
+    not_positive = m > 0
+    w.masked_fill_(not_positive.logical_not_(), 0.0)  # w0 = 0 where m0 = 0 (x = 0 with beta = 0) or m0 is nan

@@ -26,6 +26,10 @@ class GradualMagnitudePruning:
 
     After loading a checkpoint, :meth:`load_state_dict` masks the zeros of the loaded weights again (the masks
     are the weights' exact zeros), so the resumed run continues exactly.
+
+    Host synchronisation: the steps between prunings compute on host numbers only and touch no tensor. A pruning
+    reads the weights (one global magnitude threshold, and the count of pruned entries): a device sync, inherent
+    in choosing the threshold, once per ``interval``. No hyper-parameter is read from the optimizer's groups.
     """
 
     def __init__(self, optimizer: Optimizer, course: SparsityCourse, *, interval: Optional[int] = None) -> None:

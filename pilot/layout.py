@@ -1,6 +1,6 @@
 """Where FusedPILoTSGD keeps its state: one :class:`Bucket` of flat fp32 storages per (device, dtype), one
 :class:`Entry` per parameter with its offsets, and the parameter as the source of truth (weights written outside
-the optimizer are factorised again).
+the optimizer are factorised again). :mod:`pilot.storage` lays the state out in the buckets.
 
 Offsets are element offsets of ``pilot_kernels.padded`` segments, as the kernel's :class:`TensorRow` wants them.
 Sizes, offsets and addresses are those of the local tensor (:func:`pilot.sharding.local`): the whole parameter,
@@ -17,8 +17,8 @@ from torch import Tensor
 
 import pilot_kernels
 
-from .factorisation import BUFFER_KEYS, FACTOR_KEYS, PLAIN_KEYS, factorise, is_factorised
-from .sharding import is_dtensor, like_param, local, shard_groups, sum_over_shards
+from .factorisation import BUFFER_KEYS, FACTOR_KEYS, factorise, factorise_into
+from .sharding import like_param, local, sum_over_shards
 
 
 def is_non_overlapping_and_dense(t: Tensor) -> bool:
@@ -150,124 +150,48 @@ class Layout:
     telemetry_groups: list[tuple[tuple[Any, ...], torch.device]] = field(default_factory=list)
 
 
-def lay_out(optimizer: torch.optim.Optimizer, make_backend: Callable[[torch.device], Backend]) -> Layout:
-    """Move every parameter's state into flat fp32 storage per (device, dtype); state entries become views."""
-    buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
-    telemetry_index: dict[tuple[Any, ...], int] = {(): 0}
-    layout = Layout(telemetry_groups=[((), torch.device("cpu"))])
-    for group_index, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            local_p = local(p)
-            key = (local_p.device, p.dtype)
-            if key not in buckets:
-                buckets[key] = Bucket(local_p.device, p.dtype, make_backend(local_p.device))
-            groups = shard_groups(p)
-            if groups not in telemetry_index:  # same order on every rank: the order of the groups
-                telemetry_index[groups] = len(layout.telemetry_groups)
-                layout.telemetry_groups.append((groups, local_p.device))
-            entry = Entry(p, group_index, is_factorised(optimizer, p), tuple(local_p.shape), local_p.numel(),
-                          telemetry_index[groups], is_dtensor(p))
-            bucket = buckets[key]
-            if not is_non_overlapping_and_dense(local_p):
-                entry.stage = torch.empty(local_p.shape, dtype=local_p.dtype, device=local_p.device)
-                bucket.staged.append(entry)
-            bucket.entries.append(entry)
-            bucket.groups.add(group_index)
-    for bucket in buckets.values():
-        _allocate(bucket, optimizer.state, optimizer.param_groups)
-    layout.buckets = list(buckets.values())
-    return layout
-
-
-def _uses_momentum(e: Entry, state: dict[str, Any], groups: list[dict[str, Any]]) -> bool:
-    return state[e.buffer_keys[0]] is not None or float(groups[e.group]["momentum"]) != 0
-
-
-def _allocate(bucket: Bucket, states: Any, groups: list[dict[str, Any]]) -> None:
-    factor_size = buffer_size = slots = 0
-    for e in bucket.entries:
-        size = pilot_kernels.padded(e.numel)
-        e.buffer_offset = buffer_size
-        if e.factorised:
-            e.m_offset, e.w_offset = factor_size, factor_size + size
-            e.buffer_w_offset = buffer_size + size
-            factor_size += 2 * size
-            buffer_size += 2 * size
-        else:
-            buffer_size += size
-        e.slot = slots
-        slots += bucket.backend.slots_of(e.numel)
-    needs_buffers = any(_uses_momentum(e, states[e.param], groups) for e in bucket.entries)
-    device = bucket.device
-    bucket.factors = torch.zeros(factor_size, dtype=torch.float32, device=device)
-    bucket.buffers = torch.zeros(buffer_size if needs_buffers else 0, dtype=torch.float32, device=device)
-    bucket.l1_slots = torch.zeros(slots, dtype=torch.float32, device=device)
-    bucket.nnz_slots = torch.zeros(slots, dtype=torch.int64, device=device)
-    started = torch.zeros(slots, dtype=torch.int32)
-    slot_groups = torch.zeros(slots, dtype=torch.int64)
-    for e in bucket.entries:
-        state = states[e.param]
-        slot_range = slice(e.slot, e.slot + bucket.backend.slots_of(e.numel))
-        started[slot_range] = int(state[e.buffer_keys[0]] is not None)
-        if state[e.buffer_keys[0]] is None:
-            bucket.pending_buffers.add(e)
-        slot_groups[slot_range] = e.telemetry_group
-        e.stride = e.stage.stride() if e.stage is not None else e.local().stride()
-        placements = dict(zip(FACTOR_KEYS, ((bucket.factors, e.m_offset), (bucket.factors, e.w_offset),
-                                            (bucket.buffers, e.buffer_offset), (bucket.buffers, e.buffer_w_offset))))
-        placements.update(zip(PLAIN_KEYS, ((bucket.buffers, e.buffer_offset),)))
-        for key, value in state.items():
-            if value is not None:
-                storage, offset = placements[key]
-                view = storage.as_strided(e.shape, e.stride, offset)
-                view.copy_(local(value))
-                state[key] = like_param(view, e.param)
-        if e.factorised and state[FACTOR_KEYS[0]] is None:  # a new parameter: its factors go straight here
-            factorise_into(e, [storage.as_strided(e.shape, e.stride, offset) for storage, offset in (
-                placements[key] for key in FACTOR_KEYS[:2])], state, groups[e.group]["beta"])
-        segment = lambda storage, offset: (  # noqa: E731
-            storage[offset:offset + e.numel].detach() if storage.numel() else None)
-        slot = lambda slots_: slots_[e.slot:e.slot + 1].detach() if e.factorised else None  # noqa: E731
-        e.views = TorchViews(
-            x=e.stage.view(-1) if e.stage is not None else flat(e.local()).detach(),
-            m=segment(bucket.factors, e.m_offset) if e.factorised else None,
-            w=segment(bucket.factors, e.w_offset) if e.factorised else None,
-            buffer=segment(bucket.buffers, e.buffer_offset),
-            buffer_w=segment(bucket.buffers, e.buffer_w_offset) if e.factorised else None,
-            l1=slot(bucket.l1_slots), nnz=slot(bucket.nnz_slots))
-        record(bucket, e)
-    bucket.started = started.to(device)
-    bucket.slot_groups = slot_groups.to(device)
-    bucket.telemetry_indices = sorted({e.telemetry_group for e in bucket.entries})
-
-
-def factorise_into(e: Entry, factors: list[Tensor], state: dict[str, Any], beta: float) -> None:
-    """Factorise a new parameter into its factors' places in the flat storage (one parameter's temporaries at a
-    time, not every parameter's m0 and w0 beside the storage), and overwrite it with m0 * w0."""
-    local_p = e.local()
-    with torch.no_grad():
-        for view, value in zip(factors, factorise(local_p.detach(), beta)):
-            view.copy_(value)
-        local_p.copy_(factors[0] * factors[1])
-    state.update(zip(FACTOR_KEYS[:2], (like_param(view, e.param) for view in factors)))
-
-
 def record(bucket: Bucket, e: Entry) -> None:
-    """Remember the parameter as the optimizer leaves it, and recompute its telemetry from its value."""
+    """Remember the parameter as the optimizer leaves it, and recompute its telemetry from its value.
+
+    Each slot is summed as ``x.abs().sum(dim=1)`` over all the tensor's slots at once would sum it (bit for bit: a
+    step that changes nothing leaves the telemetry as it was), with temporaries of at most one fp32 copy of the
+    parameter (one slot per tensor) or a few MiB (one slot per kernel block: ``RECORD_ROWS`` blocks at a time, the
+    last block padded with zeros on its own)."""
     local_p = e.local()
     e.data_ptr, e.version = local_p.data_ptr(), local_p._version
     e.x_ptr = e.stage.data_ptr() if e.stage is not None else e.data_ptr
     if not e.factorised or e.numel == 0:
         return
-    # in the order the step walks x: memory order, or a stage's, which is contiguous
-    x = (local_p.detach().reshape(-1) if e.stage is not None else flat(local_p.detach())).float()
-    slots = bucket.backend.slots_of(e.numel)
-    if slots > 1:
-        x = torch.nn.functional.pad(x, (0, slots * pilot_kernels.pilot_sgd.BLOCK_SIZE - e.numel)).view(slots, -1)
-    else:
-        x = x.view(1, -1)
-    bucket.l1_slots[e.slot:e.slot + slots] = x.abs().sum(dim=1)
-    bucket.nnz_slots[e.slot:e.slot + slots] = (x != 0).sum(dim=1)
+    with torch.no_grad():  # in the order the step walks x: memory order, or a stage's (scratch until the step)
+        x = e.stage.copy_(local_p).view(-1) if e.stage is not None else flat(local_p.detach())
+        slots = bucket.backend.slots_of(e.numel)
+        if slots == 1:
+            x32 = x.float()  # an fp32 parameter itself: abs() makes the one copy; a low-precision one: float()
+            bucket.l1_slots[e.slot:e.slot + 1] = (x32.abs() if x32 is x else x32.abs_()).view(1, -1).sum(dim=1)
+            bucket.nnz_slots[e.slot] = torch.count_nonzero(x)
+            return
+        block = pilot_kernels.pilot_sgd.BLOCK_SIZE
+        full = e.numel // block
+        for first, last in _row_chunks(full):
+            rows = x[first * block:last * block].view(last - first, block).float()
+            bucket.l1_slots[e.slot + first:e.slot + last] = rows.abs().sum(dim=1)
+            bucket.nnz_slots[e.slot + first:e.slot + last] = (rows != 0).sum(dim=1, dtype=torch.int32)
+        if full < slots:
+            tail = torch.nn.functional.pad(x[full * block:].float(), (0, slots * block - e.numel))
+            bucket.l1_slots[e.slot + full] = tail.abs().sum()
+            bucket.nnz_slots[e.slot + full] = torch.count_nonzero(tail)
+
+
+# Blocks summed at once by record() (their |x|, x != 0 and its int32 sum: 9 B per element, at most 2.3 MiB with the
+# remainder). Never fewer but for a smaller tensor: at least as many rows as a machine has threads, so that torch
+# sums each row on its own rather than splitting rows across threads (which would sum them in another order).
+RECORD_ROWS = 128
+
+
+def _row_chunks(rows: int) -> list[tuple[int, int]]:
+    """[first, last) ranges of ``RECORD_ROWS`` rows covering ``rows``; the remainder joins the last range."""
+    bounds = list(range(0, rows - RECORD_ROWS, RECORD_ROWS)) or [0]
+    return [(first, last) for first, last in zip(bounds, bounds[1:] + [rows])]
 
 
 def expose_buffers(bucket: Bucket, e: Entry, state: dict[str, Any]) -> None:
@@ -314,21 +238,59 @@ def refresh(bucket: Bucket, e: Entry, states: Any, groups: list[dict[str, Any]])
         return True  # dense again: step it in place
     state = {key: None if value is None else local(value) for key, value in states[e.param].items()}
     if e.factorised:
-        m, w = (state[key] for key in FACTOR_KEYS[:2])
-        changed = local_p != (m * w).to(local_p.dtype)
-        if bool(changed.any()):
-            m0, w0 = factorise(local_p, groups[e.group]["beta"])
-            m.copy_(torch.where(changed, m0, m))
-            w.copy_(torch.where(changed, w0, w))
-            for key in e.buffer_keys:
-                if state[key] is not None:
-                    state[key].masked_fill_(changed, 0.0)
+        refactorise(local_p, state, e.buffer_keys, groups[e.group]["beta"])
     if e.stage is None and not same_memory_order(e.shape, local_p.stride(), e.stride):
         return True  # `.data` replaced by another memory layout (e.g. channels_last): state must follow
     if e.stage is None and e.views is not None:
         e.views = e.views._replace(x=flat(local_p).detach())  # the torch path steps the new tensor
     record(bucket, e)
     return False
+
+
+def refactorise(x: Tensor, state: dict[str, Any], buffer_keys: tuple[str, ...], beta: float) -> None:
+    """Factorise again the entries of ``x`` that no longer equal round(m * w) and zero their momentum.
+
+    Temporaries: a byte mask of x, and per ``REFRESH_CHUNK`` elements round(m * w) and the new factors. When
+    every entry changed (e.g. a model state dict loaded) they are factorised in place, as at construction.
+    """
+    m, w = (state[key] for key in FACTOR_KEYS[:2])
+    buffers = [state[key] for key in buffer_keys if state[key] is not None]
+    with torch.no_grad():
+        changed = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        for part in _chunks(x):
+            product = torch.mul(part(m), part(w), out=torch.empty_like(part(x)))  # rounded once, as .to(x.dtype)
+            torch.ne(part(x), product, out=part(changed))
+            del product  # before the next chunk's
+        if not bool(changed.any()):
+            return
+        if bool(changed.all()):
+            factorise_into(x.detach().float(), m, w, beta)
+            for buffer in buffers:
+                buffer.zero_()
+            return
+        for part in _chunks(x):
+            m0, w0 = factorise(part(x), beta)
+            part(m).copy_(torch.where(part(changed), m0, part(m)))
+            part(w).copy_(torch.where(part(changed), w0, part(w)))
+            del m0, w0  # before the next chunk's
+        for buffer in buffers:
+            buffer.masked_fill_(changed, 0.0)
+
+
+# Elements that refactorise() works on at once (half a MiB per fp32 temporary, a few of them), whatever the size
+# of the tensor.
+REFRESH_CHUNK = 2**17
+
+
+def _chunks(x: Tensor) -> list[Callable[[Tensor], Tensor]]:
+    """Functions that cut a tensor shaped like x into the same part: slices of about ``REFRESH_CHUNK`` elements
+    along x's largest dimension (views, whatever the strides)."""
+    if x.dim() == 0 or x.numel() == 0:
+        return [lambda t: t]
+    dim = max(range(x.dim()), key=lambda d: x.shape[d])
+    size = x.shape[dim]
+    width = max(1, REFRESH_CHUNK // (x.numel() // size))
+    return [lambda t, start=start: t.narrow(dim, start, min(width, size - start)) for start in range(0, size, width)]
 
 
 class Work(NamedTuple):

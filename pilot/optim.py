@@ -1,14 +1,15 @@
 """FusedPILoTSGD: PILoT's factorised SGD as a torch.optim drop-in, one fused pass per step.
 
 The class keeps torch.optim's surface; the rest lives in modules named for what they hold:
-:mod:`pilot.layout` (flat storage, entries, the parameter as the source of truth), :mod:`pilot.triton_step` and
+:mod:`pilot.layout` (flat storage, entries, the parameter as the source of truth), :mod:`pilot.storage` (laying the
+state out in it with a bounded peak of memory), :mod:`pilot.triton_step` and
 :mod:`pilot.torch_step` (the two backends, one ``step()`` each), :mod:`pilot.state_dict` (state-dict conversion),
 :mod:`pilot.sharding` (DTensor / FSDP2), :mod:`pilot.checks` (argument checks).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Collection, Iterable, Optional, Union
 
 import torch
 import torch._dynamo
@@ -18,11 +19,12 @@ from torch.optim import Optimizer
 from pilot_kernels import KERNELS_INTERPRETED, HyperRow
 
 from .checks import check_bool_or_none, check_group, check_no_shared_memory, check_params
-from .factorisation import FACTOR_KEYS, PLAIN_KEYS, is_factorised_state, is_prunable
-from .layout import (GroupNumbers, Layout, StepArgs, collect, lay_out, notice_outside_writes, settle_momentum,
-                     step_bucket, telemetry)
+from .factorisation import FACTOR_KEYS, PLAIN_KEYS, is_prunable
+from .layout import (GroupNumbers, Layout, StepArgs, collect, notice_outside_writes, settle_momentum, step_bucket,
+                     telemetry)
 from .sharding import local
 from .state_dict import complete_state_dict, loaded_state, pass_state_uncast
+from .storage import lay_out, own_storages, viewed_storages
 from .torch_step import FactorisedStep, TorchStep
 from .triton_step import (SCHEDULED_COLUMNS, TritonStep, capture_underway, group_flags, make_capturable,
                           make_numbers)
@@ -78,7 +80,9 @@ class FusedPILoTSGD(Optimizer):
     State (``optimizer.state[p]``): ``"m"``, ``"w"``, ``"momentum_buffer_m"``, ``"momentum_buffer_w"`` for a
     factorised p, ``"momentum_buffer"`` otherwise, each shaped like p (buffers are None until the first step
     with momentum). They are views into flat fp32 storage per (device, dtype), laid out again by
-    ``add_param_group``, ``load_state_dict`` and when momentum is switched on.
+    ``add_param_group``, ``load_state_dict`` and when momentum is switched on. Building and laying out hold the new
+    state plus one parameter's temporaries (at most about an fp32 copy of it), except ``add_param_group``, whose
+    storages grow: the new state plus the larger of the old factors and buffers (:mod:`pilot.storage`).
 
     The model is the source of truth: if a factorised parameter is written outside the optimizer (a model
     ``load_state_dict``, manual pruning, re-initialisation, ``p.data = ...`` with the same shape, dtype and
@@ -164,7 +168,11 @@ class FusedPILoTSGD(Optimizer):
         self._captured = False  # a CUDA graph captured a step: it holds the addresses of the state's memory
         self._host_numbers: dict[int, tuple[Tensor, int, float]] = {}  # see _host_number
         self._factorised_step: Optional[FactorisedStep] = None
+        # None once the layout is complete; else the set_params of the lay_out to do (again) at the next step:
+        # construction lays out all its groups at once, and a lay_out that raised (out of memory) is retried
+        self._pending_layout: Optional[bool] = False
         super().__init__(params, defaults)
+        self._lay_out()  # every group at once: one layout's peak of memory, not one per group
         # torch.amp.GradScaler hands grad_scale / found_inf to step() instead of unscaling the gradients.
         self._step_supports_amp_scaling = True
 
@@ -194,7 +202,8 @@ class FusedPILoTSGD(Optimizer):
             make_capturable(group, keep=own_tensors)
         for p in group["params"]:  # m and w None: factorised into the flat storage when it is laid out
             self.state[p] = dict.fromkeys(FACTOR_KEYS if self._factorises(p, group) else PLAIN_KEYS)
-        self._lay_out()
+        if self._pending_layout is None:  # else in __init__, which lays every group out at once
+            self._lay_out()
 
     @staticmethod
     def _factorises(p: Tensor, group: dict[str, Any]) -> bool:
@@ -230,15 +239,27 @@ class FusedPILoTSGD(Optimizer):
             self._factorised_step = FactorisedStep(compile=path != "eager")
         return TorchStep(device, self._factorised_step)
 
-    def _lay_out(self) -> None:
-        """(Re-)lay the state out in flat storage; buffers a skipped first step never filled are dropped first."""
+    def _lay_out(self, own: Optional[Collection[tuple[torch.device, int]]] = None, set_params: bool = False) -> None:
+        """(Re-)lay the state out in flat storage (see :mod:`pilot.storage`); buffers a skipped first step never
+        filled are dropped first. ``own``: the storages the state may stay in (default: the current layout's);
+        ``set_params``: overwrite the factorised parameters with round(m * w)."""
         settle_momentum(self._layout.buckets, self.state)
-        self._layout = lay_out(self, self._make_backend)
+        old = self._layout
+        if own is None:
+            own = own_storages(old)
+        # Until the new layout is complete: if lay_out raises (out of memory), the state's tensors all hold their
+        # values (old views or new), and the next step or telemetry lays out again rather than step stale storage
+        self._layout, self._pending_layout = Layout(), set_params
+        self._layout = lay_out(self, self._make_backend, old, own=own, set_params=set_params)
+        self._pending_layout = None
         self._host_numbers = {}  # groups may have been replaced: drop the tensors read before
 
     def _notice_outside_writes(self, numbers: tuple[GroupNumbers, ...]) -> None:
         """Factorise again what was written outside the optimizer, and lay the state out again where a parameter
         changed memory layout or a group switched momentum on (its buffers need storage)."""
+        if self._pending_layout is not None:
+            self._lay_out(set_params=self._pending_layout)
+            return
         if notice_outside_writes(self._layout, self.state, self.param_groups, numbers):
             self._check_not_captured("a parameter replaced by one of another memory layout (or momentum switched on)")
             self._lay_out()
@@ -371,7 +392,8 @@ class FusedPILoTSGD(Optimizer):
         super().__setstate__(state)
         self._factorised_step = None
         self._layout = Layout()
-        self._lay_out()
+        self._pending_layout = False
+        self._lay_out(own=viewed_storages(self.state))  # an unpickled copy: its storages are this optimizer's
 
     def __getstate__(self) -> dict[str, Any]:
         settle_momentum(self._layout.buckets, self.state)
@@ -381,7 +403,9 @@ class FusedPILoTSGD(Optimizer):
         return state
 
     def _adopt_loaded(self, state: dict[Any, Any], param_groups: list[dict[str, Any]]) -> None:
-        """Check and convert what torch's load_state_dict matched to our parameters; then take it over."""
+        """Check what torch's load_state_dict matched to our parameters; then take it over. The old state is freed
+        before the loaded one is copied into the new layout (one parameter at a time), so that loading holds one
+        state, not two (the caller's state dict aside)."""
         new_state = loaded_state(self, state, param_groups)
         new_groups = []
         for group in param_groups:
@@ -392,13 +416,9 @@ class FusedPILoTSGD(Optimizer):
             else:  # e.g. a capturable optimizer's checkpoint
                 make_numbers(new_group)
             new_groups.append(new_group)
+        own = own_storages(self._layout)  # a state dict of this optimizer's own views stays where it is
         self.param_groups = new_groups
         self.state.clear()
         self.state.update(new_state)
-        with torch.no_grad():
-            for p, param_state in new_state.items():
-                if is_factorised_state(param_state):
-                    m, w = (param_state[key] for key in FACTOR_KEYS[:2])
-                    local(p).copy_(m * w)
         self._layout = Layout()
-        self._lay_out()
+        self._lay_out(own=own, set_params=True)

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from .factorisation import is_factorised
 from .checks import check_number
+from .group_values import HostCopies, set_group_value
 from .pruning import prunable_parameters
 from .sharding import whole
 
@@ -46,26 +47,23 @@ def factorised_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
     return groups
 
 
-def set_group_value(group: dict[str, Any], key: str, value: float) -> None:
-    """``group[key] = value``, in place if it is a tensor (capturable optimizers read it from the device)."""
-    if isinstance(group[key], Tensor):
-        group[key].fill_(value)
-    else:
-        group[key] = value
-
-
 class AlphaScheduler:
     """Base class: holds the optimizer and its factorised groups, saves and loads the scheduler's own state.
 
     Subclasses implement :meth:`step`. ``last_alpha`` is the list of the factorised groups' alphas after the
     last call (or at construction), like torch's ``get_last_lr()``.
+
+    Host synchronisation: alphas that are device tensors (``capturable=True``) are read once, at construction;
+    afterwards a step reads back what the schedule set from host copies (:class:`pilot.group_values.HostCopies`),
+    so that it never waits for the device, and reads a tensor again only after something else changed it.
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.last_alpha = [float(group["alpha"]) for group in factorised_groups(optimizer)]
+        self._host = HostCopies()
+        self.last_alpha = [self._host.read(group, "alpha") for group in factorised_groups(optimizer)]
 
     def get_last_alpha(self) -> list[float]:
         """Alpha of every factorised group, as last set (or as found at construction)."""
@@ -73,12 +71,12 @@ class AlphaScheduler:
 
     def _set_alphas(self, alphas: list[float]) -> None:
         for group, alpha in zip(factorised_groups(self.optimizer), alphas):
-            set_group_value(group, "alpha", alpha)
+            self._host.write(group, "alpha", alpha)
         self.last_alpha = list(alphas)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the optimizer (whose own state dict holds the current alphas)."""
-        return {key: value for key, value in self.__dict__.items() if key != "optimizer"}
+        """Everything but the optimizer (whose own state dict holds the current alphas) and the host copies."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "_host")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (load the optimizer's state dict too, for the alphas themselves)."""
@@ -197,7 +195,8 @@ class PILoTSchedule(AlphaScheduler):
             grow = self.last_signal >= self.threshold
         self.previous_accuracy = float(train_accuracy)
         scale = self.factor if grow else 1.0 / self.factor
-        self._set_alphas([float(group["alpha"]) * scale for group in factorised_groups(self.optimizer)])
+        # alpha as it is now (another writer may have changed it), without a sync where the schedule set it itself
+        self._set_alphas([self._host.read(group, "alpha") * scale for group in factorised_groups(self.optimizer)])
         return self.get_last_alpha()
 
 
@@ -376,14 +375,16 @@ class SparsityTarget:
         self.interval = interval if interval is not None else max(1, course.total // 1000)
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval <= 0:
             raise ValueError(f"Invalid interval value: {interval!r} (need an int > 0)")
-        self.initial = [float(optimizer.param_groups[i][key]) for i in self.groups]
+        self._host = HostCopies()  # what step() set: read back without a sync (see AlphaScheduler)
+        self.initial = [self._host.read(optimizer.param_groups[i], key) for i in self.groups]
         self.k = 0
         self.last_density: Optional[float] = None
         self.previous_accuracy = 0.0
         self.may_grow = True
 
     def strengths(self) -> list[float]:
-        return [float(self.optimizer.param_groups[i][self.key]) for i in self.groups]
+        """The strengths now (host copies of what :meth:`step` set: no device sync)."""
+        return [self._host.read(self.optimizer.param_groups[i], self.key) for i in self.groups]
 
     def end_epoch(self, train_accuracy: float) -> None:
         """Algorithm 1's accuracy condition, for the next epoch (used with ``accuracy_rule``)."""
@@ -394,8 +395,9 @@ class SparsityTarget:
         self.previous_accuracy = float(train_accuracy)
 
     def step(self) -> None:
-        """After each optimizer step: every ``interval`` steps, measure and move the strengths (the steps between
-        touch nothing: no read of the strengths, which under ``capturable`` live on the device)."""
+        """After each optimizer step: every ``interval`` steps, measure and move the strengths. The steps between
+        touch nothing; a measurement reads the weights (``measure``: a device sync, inherent in measuring), but
+        not the strengths, which under ``capturable`` live on the device: their host copies serve."""
         self.k += 1
         if self.k % self.interval:
             return
@@ -408,9 +410,10 @@ class SparsityTarget:
             exponent = min(exponent, 0.0)
         scale = 10.0 ** (exponent * self.interval / self.course.total)
         for i, initial in zip(self.groups, self.initial):
-            value = min(max(float(self.optimizer.param_groups[i][self.key]) * scale, initial * self.limits[0]),
+            group = self.optimizer.param_groups[i]
+            value = min(max(self._host.read(group, self.key) * scale, initial * self.limits[0]),
                         initial * self.limits[1], self.maximum)
-            set_group_value(self.optimizer.param_groups[i], self.key, value)
+            self._host.write(group, self.key, value)
 
     def control(self, density: float, plan: float) -> float:
         """u in [-1, 1]: how hard to push, from the measured and the planned density."""

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .factorisation import BUFFER_KEYS, FACTOR_KEYS, MOMENTUM_STARTED, PLAIN_KEYS, is_factorised, is_factorised_state
-from .sharding import like_param, local, local_shard_of
+from .sharding import like_param, local
 
 
 def complete_state_dict(state_dict: dict[str, Any], param_groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,7 +55,8 @@ def pass_state_uncast(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[
 def loaded_state(optimizer: Optimizer, state: dict[Any, Any], param_groups: list[dict[str, Any]]
                  ) -> dict[Tensor, dict[str, Any]]:
     """The new ``optimizer.state`` from what torch's load_state_dict matched to the parameters (Uncast values):
-    checked, fp32, on each parameter's device, this rank's shard of DTensor state."""
+    checked, and still the state dict's own tensors (any dtype, device or sharding): laying the state out copies
+    them (:mod:`pilot.storage`)."""
     dense = not any("alpha" in group for group in param_groups)
     new_state = {}
     for group in param_groups:
@@ -93,5 +94,7 @@ def _loaded_param_state(p: Tensor, saved: dict[str, Any], saved_id: Any, dense: 
         if not isinstance(value, Tensor) or tuple(value.shape) != tuple(p.shape):
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"state dict's {key} of {where} has shape {got}, expected {tuple(p.shape)}")
-        loaded[key] = local_shard_of(value.detach(), p).to(device=local(p).device, dtype=torch.float32, copy=True)
+        # the caller's tensor, not a copy: pilot.storage copies it into the new layout (to fp32, on the
+        # parameter's device, this rank's shard) once the old state is freed, one parameter at a time
+        loaded[key] = value.detach()
     return loaded

@@ -197,3 +197,49 @@ def test_effective_density_signal_drives_algorithm_1() -> None:
     relative = PILoTSchedule(optimizer, factor=2.0, threshold=0.5, total=10, signal="effective-density",
                              relative_threshold=True)
     assert relative.threshold == pytest.approx(0.5 * schedule.last_signal)
+
+
+class HostReads(torch.Tensor):
+    """A tensor that counts the reads of its value by the host (``float``, ``item``, ``tolist``): on a CUDA
+    tensor, as alpha is under ``capturable=True``, each would make the host wait for the device."""
+
+    count = 0
+
+    def __float__(self) -> float:
+        HostReads.count += 1
+        return super().__float__()
+
+    def item(self) -> float:
+        HostReads.count += 1
+        return super().item()
+
+    def tolist(self) -> object:
+        HostReads.count += 1
+        return super().tolist()
+
+
+def value_of(t: torch.Tensor) -> float:
+    """A HostReads tensor's value, read without counting (as the test's own check, not the schedule's read)."""
+    return t.as_subclass(torch.Tensor).item()
+
+
+def test_a_step_reads_no_alpha_tensor_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """alpha as a tensor is read once, at construction; then each step works from the host copy of what it set
+    (it read the tensor back at every step: a sync per step under capturable). A tensor edited by someone else
+    (fill_) is read once more, and the rule goes on from its new value."""
+    layer = nn.Linear(4, 3)
+    alpha = torch.tensor(ALPHA).as_subclass(HostReads)
+    optimizer = FusedPILoTSGD([{"params": [layer.weight], "alpha": alpha}], lr=0.1, backend="eager")
+    host = FusedPILoTSGD([{"params": [nn.Linear(4, 3).weight], "alpha": ALPHA}], lr=0.1, backend="eager")
+    schedules = [PILoTSchedule(o, factor=2.0, threshold=1.0, total=10) for o in (optimizer, host)]
+    for schedule in schedules:
+        scripted_l1(monkeypatch, schedule, [2.0, 0.5, 2.0, 2.0, 2.0])
+    HostReads.count = 0
+    for accuracy in (0.5, 0.6, 0.7, 0.8):  # grow, shrink (the signal is below K), grow, grow
+        alphas = [schedule.step(accuracy) for schedule in schedules]
+        assert HostReads.count == 0
+        assert alphas[0] == pytest.approx(alphas[1], rel=1e-6)  # the schedule of host numbers, to fp32 rounding
+        assert value_of(alpha) == torch.tensor(alphas[0][0]).item()  # what it set, rounded to fp32 by fill_
+    assert alphas[0] == pytest.approx([4 * ALPHA])
+    alpha.fill_(ALPHA)  # someone else's edit: read once
+    assert schedules[0].step(0.9) == pytest.approx([2 * ALPHA]) and HostReads.count == 1

@@ -105,6 +105,27 @@ def test_limits_bound_the_strength() -> None:
     assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(5e-4)
 
 
+def test_a_measurement_reads_no_strength_tensor_back() -> None:
+    """Under capturable the strength is a device tensor: the controller reads it once, at construction, and then
+    moves it from the host copy of what it set (it read it back at every measurement: a sync each). Only the
+    measurement itself reads the device (the scripted density here)."""
+    from test_schedule import HostReads, value_of
+
+    strength = torch.tensor(1e-3).as_subclass(HostReads)
+    optimizer = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(2, 2))], "weight_decay": strength}], lr=0.1)
+    density = Scripted()
+    target = SparsityTarget(optimizer, SparsityCourse(0.9, 100, start=0.0, end=0.5), density, key="weight_decay",
+                            groups=[0], interval=2, span=0.1)
+    HostReads.count = 0
+    for value in (1.0, 1.0, 0.0, 0.0):
+        density.value = value
+        target.step()
+        target.step()
+    assert HostReads.count == 0
+    assert target.strengths() == [value_of(strength)] and HostReads.count == 0
+    assert value_of(strength) == pytest.approx(1e-3, rel=1e-6)  # up twice, down twice
+
+
 @pytest.mark.parametrize("options, message", [
     ({"groups": [3]}, "Invalid groups"),
     ({"groups": []}, "Invalid groups"),
