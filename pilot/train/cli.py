@@ -24,7 +24,7 @@ from pilot.quiet import drop_cuda_home_notice
 from . import distributed
 from .config import Config, check_fsdp, parse_config
 from .distributed import Distributed
-from .finish import finish
+from .finish import finish, versions
 from .fsdp import gather_full_model, shard_model_
 from .loop import Trainer, augmentation_seed
 from .methods import prepare_model
@@ -93,6 +93,7 @@ def _run(config: Config, explicit: frozenset[str], place: Distributed, device: t
     config = dataclasses.replace(config, device=str(device))
     with _logging_to(Path(config.out) / LOG, place):
         log.info("pilot.train %s -> %s", " ".join(sys.argv[1:] if argv is None else argv), config.out)
+        log.info("code: pilot %s, git commit %s", versions()["pilot"], versions()["git_commit"])
         if place.enabled:
             log.info("distributed: %d processes (%s), global batch %d = %d per process", place.world_size,
                      torch.distributed.get_backend(), config.batch_size, config.batch_size // place.world_size)

@@ -3,6 +3,7 @@ one-shot curve, exports, plots (training curves, one-shot curve, per-layer densi
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import logging
 import platform
@@ -145,7 +146,14 @@ def target_reached(config: Config, final: dict[str, Any]) -> Optional[dict[str, 
 
 
 def versions() -> dict[str, Optional[str]]:
-    """Versions of Python and the packages a run depends on, and the git commit of pilot if it is a checkout."""
+    """Versions of Python and the packages a run depends on, and the git commit of pilot if it is a checkout, as
+    they were at this process's first call (the command logs them when it starts): the code that ran, even if the
+    checkout moves on while the run trains."""
+    return dict(_versions_at_first_call())
+
+
+@functools.lru_cache(maxsize=None)
+def _versions_at_first_call() -> dict[str, Optional[str]]:
     found: dict[str, Optional[str]] = {"python": platform.python_version(), "pilot": pilot.__version__}
     for package in ("torch", "triton", "torchvision", "numpy"):
         try:
