@@ -21,6 +21,11 @@ from .traffic import GPUS
 
 REPO = Path(__file__).resolve().parent.parent
 TIME_RATIO = ratio_key(BASELINE)
+# The CPU step against torch's fused SGD: its floor is 2x (40 B per factorised element against 20); ResNet-20's
+# small tensors add the host time of a compiled call, so its limit is looser (issue 24).
+CPU_STEP_LIMIT = 2.5
+CPU_STEP_LIMITS = {"resnet20": 3.0}
+FOREACH_REFERENCE = "reference-foreach"
 NOISY_CORES = 0.1  # other processes' average CPU use above which the table warns that timings are unreliable
 # pilot's own bookkeeping beyond the exact optimizer state, which the memory target allows as a fraction of the
 # reference's peak: every tensor's segment padded to 128 B in the flat storage, and 24 B of telemetry per tensor on
@@ -121,12 +126,14 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         for entry in results.get("optimizer_step", []):
             model, pilot_record = entry["model"], entry["contenders"]["pilot"]
             ratio = pilot_record[TIME_RATIO].median
-            targets.append(_target("CPU: fused step <= 2.5x dense fused SGD's step time", model, ratio, "x",
-                                   ratio <= 2.5))
-            for reference in REFERENCES:
-                ratio = pilot_record[ratio_key(with_products(reference))].median
-                targets.append(_target("CPU: fused step <= 0.5x the eager reference's step + its products m*w, "
-                                       "g*w, g*m", f"{model}, {reference}", ratio, "x", ratio <= 0.5))
+            limit = CPU_STEP_LIMITS.get(model, CPU_STEP_LIMIT)
+            targets.append(_target(f"CPU: fused step <= {limit:g}x dense fused SGD's step time", model, ratio, "x",
+                                   ratio <= limit))
+            # Only against the foreach reference: the fused one already moves pilot's 40 B per element in one pass
+            # of torch's kernel, so half its time would be under the memory floor (a target unmeetable by design).
+            ratio = pilot_record[ratio_key(with_products(FOREACH_REFERENCE))].median
+            targets.append(_target("CPU: fused step <= 0.5x the eager reference's step + its products m*w, "
+                                   "g*w, g*m", f"{model}, {FOREACH_REFERENCE}", ratio, "x", ratio <= 0.5))
         for entry in results.get("training_step", []):
             if entry["model"] == "resnet20" and entry["batch_size"] == 128:
                 ratio = entry["contenders"]["pilot"][TIME_RATIO].median
