@@ -33,7 +33,10 @@ def poison(epochs: set[int], times: int, blow_up: bool = False) -> Callable:
             calls["epoch"] -= 1  # the retry trains the same epoch
             weights = [p for p in method.model.parameters() if p.ndim >= 2]
             with torch.no_grad():  # FusedPILoTSGD factorises a weight written outside it again
-                weights[-1].mul_(1e4) if blow_up else weights[0].fill_(math.nan)
+                if blow_up:
+                    weights[-1].mul_(1e4)
+                else:
+                    weights[0].fill_(math.nan)
         return original(method, loader, **options)
 
     return train_one_epoch
