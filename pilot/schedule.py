@@ -307,36 +307,46 @@ class SparsityCourse:
 
 class SparsityTarget:
     r"""Steers a regularisation strength so that the trained model reaches ``course.sparsity``, at any length of
-    training, batch size or learning rate: a multiplicative controller on the strength, one :meth:`step` per
-    optimizer step.
+    training, batch size or learning rate: a multiplicative controller, one :meth:`step` per optimizer step.
+
+    What it steers is the push the strength gives each step, :math:`\text{lr} \cdot s` (the fraction by which a
+    step shrinks the weights), not s: a learning-rate schedule that decays would otherwise undo the controller's
+    work. (Steering s, the 30-epoch CIFAR-10 run T-pilot-95-s0 grew alpha 11x from epoch 16 to 25 while the cosine
+    lr fell 5x; the push barely doubled and the density stalled at 0.084, above its bound of 0.0625.) The
+    controller's state is the *level* :math:`\ell`, the strength at the learning rate's running peak
+    :math:`\hat\eta` (the largest lr seen at a measurement); the strength applied is
+
+    .. math:: s = \ell \cdot \hat\eta / \text{lr}, \qquad\text{so}\qquad \text{lr} \cdot s = \hat\eta\,\ell
+
+    whatever the schedule does after its peak, while a warmup (lr rising to its peak) leaves s = :math:`\ell`.
 
     Every ``interval`` steps it measures the density d (``measure``) and compares it with the course's plan p:
 
     .. math::
         u = \operatorname{clip}\Bigl(\frac{\ln(d / p)}{\ln(1 + \text{band})}, -1, 1\Bigr), \qquad
-        s \leftarrow s \cdot 10^{\,u \cdot \text{interval} / (\text{span} \cdot \text{total})}
+        \ell \leftarrow \ell \cdot 10^{\,u \cdot \text{interval} / (\text{span} \cdot \text{total})}
 
-    for every strength s: proportional in the log of the error within ``band`` of the plan, and at most a factor
-    of 10 per ``span`` of training outside it (the default, a quarter, is about as fast as Algorithm 1's factor
-    moved alpha in the 30-epoch CIFAR-10 recipe). Rates are fractions of training, so one setting serves every
-    budget. The controller corrects the strength; it cannot find its scale from nothing in time, since the density
-    answers late (under BatchNorm, weights first shrink as a whole, which leaves the density unchanged). Start it
-    where a constant strength s0 would accumulate the regularisation integral :math:`\sum_k \text{lr}_k s_0` that
+    for every strength: proportional in the log of the error within ``band`` of the plan, and at most a factor of
+    10 per ``span`` of training outside it (the default, a quarter, is about as fast as Algorithm 1's factor moved
+    alpha in the 30-epoch CIFAR-10 recipe). Rates are fractions of training, so one setting serves every budget.
+    The controller corrects the strength; it cannot find its scale from nothing in time, since the density answers
+    late (under BatchNorm, weights first shrink as a whole, which leaves the density unchanged). Start it where a
+    constant strength s0 would accumulate the regularisation integral :math:`\sum_k \text{lr}_k s_0` that
     sparsified a run before (that integral, not s0, carries across budgets: ``python -m pilot.train`` does so).
-    Strengths stay within ``limits`` times their initial value (growth beyond 10x means the start was far off) and
-    at most ``maximum``: under BatchNorm a decay whose product with the learning rate is too large does not
-    sparsify, it shrinks whole layers until their effective learning rate makes training chaotic (measured on
-    ResNet-20: lr * alpha = 2.4e-3 fell to chance within two epochs; the 30-epoch recipe peaked near 5e-4).
+    Levels stay within ``limits`` times their initial value (growth beyond 10x means the start was far off) and at
+    most ``maximum``: under BatchNorm a decay whose product with the learning rate is too large does not sparsify,
+    it shrinks whole layers until their effective learning rate makes training chaotic (measured on ResNet-20:
+    lr * alpha = 2.4e-3 fell to chance within two epochs; the 30-epoch recipe peaked near 5e-4).
 
     pilot's extension of Algorithm 1 (``accuracy_rule=True, release=True``):
 
-    - the accuracy rule: the strength grows only while the last epoch's training accuracy (:meth:`end_epoch`) was
-      not below the one before (Algorithm 1's condition; the first epoch compares with 0);
-    - the release: once the course has ended, the strength decays tenfold per ``release_span`` of training while
-      the density stays within ``band`` of 1 - S, so the shrinkage vanishes (alpha -> 0, as in Algorithm 1's second
+    - the accuracy rule: the level grows only while the last epoch's training accuracy (:meth:`end_epoch`) was not
+      below the one before (Algorithm 1's condition; the first epoch compares with 0);
+    - the release: once the course has ended, the level decays tenfold per ``release_span`` of training while the
+      density stays within ``band`` of 1 - S, so the shrinkage vanishes (alpha -> 0, as in Algorithm 1's second
       half) and the survivors recover; it is steered up again only if the density leaves the band.
 
-    Without them (spred's constant alpha, LASSO, STR) the strength is held on the plan to the end.
+    Without them (spred's constant alpha, LASSO, STR) the level is held on the plan to the end.
 
     Args:
         optimizer: whose ``groups`` (indices into ``param_groups``) hold the strength under ``key``.
@@ -344,6 +354,9 @@ class SparsityTarget:
         measure: the density of the weights as they are now (in [0, 1]).
         key, groups: the strength: ``param_groups[i][key]`` for i in ``groups``.
         interval: optimizer steps between measurements (default: about 1,000 over training).
+
+    If something scales the learning rate from some step on (a recovery from a divergence), call
+    :meth:`scale_lr` with the factor: the push is scaled with it instead of being compensated.
     """
 
     def __init__(self, optimizer: Optimizer, course: SparsityCourse, measure: Callable[[], float], *, key: str,
@@ -377,6 +390,8 @@ class SparsityTarget:
             raise ValueError(f"Invalid interval value: {interval!r} (need an int > 0)")
         self._host = HostCopies()  # what step() set: read back without a sync (see AlphaScheduler)
         self.initial = [self._host.read(optimizer.param_groups[i], key) for i in self.groups]
+        self.levels = list(self.initial)
+        self.peak_lrs: list[Optional[float]] = [None] * len(self.groups)  # set at the first measurement
         self.k = 0
         self.last_density: Optional[float] = None
         self.previous_accuracy = 0.0
@@ -409,11 +424,21 @@ class SparsityTarget:
         elif self.accuracy_rule and not self.may_grow:
             exponent = min(exponent, 0.0)
         scale = 10.0 ** (exponent * self.interval / self.course.total)
-        for i, initial in zip(self.groups, self.initial):
+        for j, (i, initial) in enumerate(zip(self.groups, self.initial)):
             group = self.optimizer.param_groups[i]
-            value = min(max(self._host.read(group, self.key) * scale, initial * self.limits[0]),
-                        initial * self.limits[1], self.maximum)
-            self._host.write(group, self.key, value)
+            self.levels[j] = min(max(self.levels[j] * scale, initial * self.limits[0]), initial * self.limits[1],
+                                 self.maximum)
+            lr = self._host.read(group, "lr")
+            peak = self.peak_lrs[j] = max(lr, self.peak_lrs[j] or 0.0)
+            self._host.write(group, self.key, self.levels[j] * peak / lr if lr > 0 else self.levels[j])
+
+    def scale_lr(self, factor: float) -> None:
+        """The learning rate is ``factor`` times what its schedule gives from now on: scale the peaks with it, so
+        that the strength keeps its value instead of compensating for the change."""
+        check_number("factor", factor)
+        if factor <= 0:
+            raise ValueError(f"Invalid factor value: {factor!r} (need a number > 0)")
+        self.peak_lrs = [None if peak is None else peak * factor for peak in self.peak_lrs]
 
     def control(self, density: float, plan: float) -> float:
         """u in [-1, 1]: how hard to push, from the measured and the planned density."""
@@ -424,12 +449,17 @@ class SparsityTarget:
     def state_dict(self) -> dict[str, Any]:
         """The controller's own state (the strengths themselves are in the optimizer's state dict)."""
         return {"k": self.k, "last_density": self.last_density, "previous_accuracy": self.previous_accuracy,
-                "may_grow": self.may_grow, "initial": list(self.initial)}
+                "may_grow": self.may_grow, "initial": list(self.initial), "levels": list(self.levels),
+                "peak_lrs": list(self.peak_lrs)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.k, self.last_density = state_dict["k"], state_dict["last_density"]
         self.previous_accuracy, self.may_grow = state_dict["previous_accuracy"], state_dict["may_grow"]
         self.initial = list(state_dict["initial"])
+        # A state dict saved before the controller kept levels (it steered the strength itself): the level is the
+        # strength it set last, and the peak is found again at the next measurement.
+        self.levels = list(state_dict.get("levels", self.strengths()))
+        self.peak_lrs = list(state_dict.get("peak_lrs", [None] * len(self.groups)))
 
 
 def sparsity_target(optimizer: Optimizer, sparsity: float, total: int, *, algorithm1: bool = True,

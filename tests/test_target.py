@@ -126,6 +126,34 @@ def test_a_measurement_reads_no_strength_tensor_back() -> None:
     assert value_of(strength) == pytest.approx(1e-3, rel=1e-6)  # up twice, down twice
 
 
+def test_the_push_holds_through_a_decaying_learning_rate_and_a_warmup_leaves_the_strength() -> None:
+    """The controller steers lr * strength: a schedule that lowers lr below its peak raises the strength by as
+    much; a warmup (lr rising) leaves it; a recovery's cut of the lr (scale_lr) is not compensated."""
+    target, optimizer, density = scripted_target()
+    group = optimizer.param_groups[0]
+    for lr in (0.01, 0.05, 0.1):  # warmup: on the plan, the strength stays
+        group["lr"] = lr
+        density.value = target.course.density(target.k + 1)
+        target.step()
+        assert group["weight_decay"] == pytest.approx(1e-3)
+    for lr in (0.05, 0.02, 0.001):  # decay: the push lr * strength stays at its peak value
+        group["lr"] = lr
+        density.value = target.course.density(target.k + 1)
+        target.step()
+        assert lr * group["weight_decay"] == pytest.approx(0.1 * 1e-3)
+    density.value = 1.0  # above the plan: the push grows by the controller's factor, whatever the lr did
+    group["lr"] = 0.0005
+    target.step()
+    assert group["lr"] * group["weight_decay"] == pytest.approx(0.1 * 1e-3 * 10 ** 0.1)
+    target.scale_lr(0.5)  # a recovery halves the lr: the push halves with it
+    group["lr"] = 0.00025
+    density.value = target.course.density(target.k + 1)
+    target.step()
+    assert group["lr"] * group["weight_decay"] == pytest.approx(0.5 * 0.1 * 1e-3 * 10 ** 0.1)
+    with pytest.raises(ValueError, match="Invalid factor"):
+        target.scale_lr(0.0)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"groups": [3]}, "Invalid groups"),
     ({"groups": []}, "Invalid groups"),
@@ -145,11 +173,13 @@ def test_controller_checks(options: dict, message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- on a real problem
 
-def sparse_regression(total: int, sparsity: float, *, algorithm1: bool, integral: float = 0.2, seed: int = 0):
+def sparse_regression(total: int, sparsity: float, *, algorithm1: bool, integral: float = 0.2, seed: int = 0,
+                      cosine: bool = False):
     """The paper's setting in miniature: an under-determined regression (32 samples, 64 features, 8 outputs) whose
     teacher has 10% non-zeros, so that the minimum-norm fit is dense and only an L1-like bias finds the sparse one;
     a linear student trained by FusedPILoTSGD steered to ``sparsity`` over ``total`` steps, alpha starting where
-    it would accumulate ``integral`` (as python -m pilot.train starts it). Returns the optimizer, the controller,
+    it would accumulate ``integral`` (as python -m pilot.train starts it), under a constant lr or a ``cosine`` one
+    (which has the same integral with twice the peak). Returns the optimizer, the controller,
     the final weight and the relative training error."""
     generator = torch.Generator().manual_seed(seed)
     teacher = torch.randn(8, 64, generator=generator) * (torch.rand(8, 64, generator=generator) < 0.1)
@@ -157,14 +187,17 @@ def sparse_regression(total: int, sparsity: float, *, algorithm1: bool, integral
     targets = inputs @ teacher.T
     torch.manual_seed(seed)
     student = nn.Linear(64, 8, bias=False)
-    lr = 0.01
-    optimizer = FusedPILoTSGD(student.parameters(), lr=lr, momentum=0.9, alpha=integral / (lr * total), beta=1.0,
-                              backend="eager")
+    lr = 0.02 if cosine else 0.01
+    optimizer = FusedPILoTSGD(student.parameters(), lr=lr, momentum=0.9, alpha=integral / (0.01 * total),
+                              beta=1.0, backend="eager")
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total) if cosine else None
     target = sparsity_target(optimizer, sparsity, total, algorithm1=algorithm1)
     for step in range(total):
         optimizer.zero_grad()
         (student(inputs) - targets).square().sum(1).mean().backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         target.step()
         if (step + 1) % max(1, total // 10) == 0:
             target.end_epoch(1.0)  # a regression has no accuracy: the rule holds
@@ -183,6 +216,17 @@ def test_pilot_reaches_the_target_at_any_budget(total: int) -> None:
         assert error < 1e-2
 
 
+@pytest.mark.parametrize("algorithm1", [True, False])
+@pytest.mark.parametrize("total", [100, 400])
+def test_a_start_four_times_too_weak_still_reaches_the_target_under_a_cosine_lr(total: int, algorithm1: bool
+                                                                                ) -> None:
+    """The push must grow while the cosine lr falls: steering alpha alone (before the controller steered
+    lr * alpha) ended at effective densities 0.21 and 0.24 here, against the bound 0.125."""
+    optimizer, target, weight, error = sparse_regression(total, 0.9, algorithm1=algorithm1, integral=0.05,
+                                                         cosine=True)
+    assert effective_density([weight]) <= 1.25 * 0.1
+
+
 def test_held_alpha_stays_on_the_target() -> None:
     optimizer, target, weight, error = sparse_regression(400, 0.8, algorithm1=False)
     assert effective_density([weight]) <= 1.25 * 0.2
@@ -198,10 +242,14 @@ def test_without_the_target_the_fit_stays_dense() -> None:
 def test_controller_resumes_exactly() -> None:
     optimizer, target, _, _ = sparse_regression(100, 0.8, algorithm1=True)
     state = target.state_dict()
-    assert state["k"] == 100 and set(state) == {"k", "last_density", "previous_accuracy", "may_grow", "initial"}
+    assert state["k"] == 100 and set(state) == {"k", "last_density", "previous_accuracy", "may_grow", "initial",
+                                                "levels", "peak_lrs"}
     restored = sparsity_target(FusedPILoTSGD([nn.Parameter(torch.zeros(8, 64))], lr=0.01, alpha=1.0), 0.8, 100)
     restored.load_state_dict(state)
     assert restored.state_dict() == state
+    older = {key: value for key, value in state.items() if key not in ("levels", "peak_lrs")}
+    restored.load_state_dict(older)  # saved when the controller steered the strength itself: it goes on from it
+    assert restored.levels == restored.strengths() and restored.peak_lrs == [None]
 
 
 # ---------------------------------------------------------------------------------------------- GMP

@@ -136,6 +136,8 @@ class Method:
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["initial_lr"] * factor
             group["lr"] = group["lr"] * factor
+        if isinstance(self.target, SparsityTarget):
+            self.target.scale_lr(factor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), **self.schedules_state_dict()}
