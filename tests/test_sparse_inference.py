@@ -37,6 +37,12 @@ def test_sparse_linear_matches_linear(shape: tuple[int, ...], bias: bool) -> Non
         torch.testing.assert_close(SparseLinear(linear)(x), linear(x), **TOLERANCE)
 
 
+def test_sparse_layers_keep_32_bit_indices() -> None:
+    # MKL, behind torch's CPU CSR products, takes int32 indices: int64 ones would be converted on every call.
+    for layer in (SparseLinear(pruned(nn.Linear(20, 9))), SparseConv2d(pruned(nn.Conv2d(4, 6, 3)))):
+        assert layer.weight.crow_indices().dtype == layer.weight.col_indices().dtype == torch.int32
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("options", [{}, {"stride": 2, "padding": 1}, {"padding": (2, 0), "dilation": 2, "bias": False},
                                      {"kernel_size": 1, "stride": (1, 2)}])
