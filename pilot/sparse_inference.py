@@ -55,8 +55,9 @@ def _csr(weight: Tensor) -> Tensor:
         matrix = weight.detach().reshape(weight.shape[0], -1).to_sparse_csr()
         if max(matrix.shape[1], matrix.values().numel()) >= 2**31:
             return matrix
+        # The indices are torch's own, narrowed: valid, so not checked again (which would say so in a warning).
         return torch.sparse_csr_tensor(matrix.crow_indices().to(torch.int32), matrix.col_indices().to(torch.int32),
-                                       matrix.values(), matrix.shape)
+                                       matrix.values(), matrix.shape, check_invariants=False)
 
 
 class _CsrLayer(nn.Module):

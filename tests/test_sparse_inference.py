@@ -149,7 +149,18 @@ def test_bench_inference_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert (entry["model"], entry["sparsity"], entry["batch_size"]) == ("lenet300-100", 0.98, 1)
     for contender in ("dense", "sparse"):
         assert entry[contender]["time"]["median"] > 0 and entry[contender]["peak_memory"]["median"] > 0
-    assert entry["max_abs_difference"] < 1e-4 and len(entry["choices"]) == 3
+    assert entry["max_abs_difference"] < 1e-4 and len(entry["choices"]) == 3 and entry["free_layers_speedup"]["median"] > 0
     assert (tmp_path / "inference.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     noise = [line for line in result.stderr.splitlines() if not line.startswith("[inference] ")]
     assert not noise, noise
+
+
+def test_free_layers_model_returns_what_the_dense_model_computes_on_its_batch() -> None:
+    from bench.inference import free_layers_model
+
+    model = lenet()
+    x = torch.randn(2, 1, 28, 28)
+    free = free_layers_model(model, ["fc1", "fc3"], x)
+    assert type(free.fc1).__name__ == "_GivenOutput" and isinstance(free.fc2, nn.Linear)
+    with torch.inference_mode():
+        assert torch.equal(free(x), model(x))
