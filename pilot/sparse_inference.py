@@ -6,9 +6,9 @@ sparse matrix products (``torch.sparse`` CSR) where that is faster, and keeps th
   unfolded input is :math:`k_h k_w` times the input's size, so this costs memory and time that a dense
   convolution (oneDNN on CPU) does not spend; it pays only at very low density.
 
-Each sparse layer reads only its non-zeros (values, column indices, row pointers: 4 + 8 bytes per non-zero in
-fp32 with torch's int64 indices, against 4 bytes per entry dense), so it moves less than the dense layer below
-about 33% density; whether it is also faster depends on the CPU, the batch and torch's per-call overhead
+Each sparse layer reads only its non-zeros (values, column indices, row pointers: 4 + 4 bytes per non-zero in
+fp32 with int32 indices, against 4 bytes per entry dense), so it moves less than the dense layer below about 50%
+density; whether it is also faster depends on the CPU, the batch and torch's per-call overhead
 (tens of microseconds), which is why a layer is chosen by measurement when an example input is given.
 """
 from __future__ import annotations
