@@ -10,7 +10,10 @@ random model (a trained model's differ). Per configuration, the sparse contender
 ``pilot.sparse_inference(model, batch)``: each layer dense or sparse as measured on that batch. Both contenders
 run the batch under torch.inference_mode, timed interleaved with paired ratios (bench.timing); peak memory is
 what the allocator holds during one forward beyond what existed before the contender was built (bench.memory:
-weights, activations, scratch). The stdout table is also written to DIR/inference.json and DIR/inference.png.
+weights, activations, scratch). A third contender, timed with them, bounds what any sparse kernel could
+give: the dense model with the layers that run sparse replaced by modules that return their output for free ("free
+x": dense time / its time). Where it is low, the rest of the forward (other layers, activations, Python module
+calls) dominates and no sparse product can do much. The stdout table is also written to DIR/inference.json and DIR/inference.png.
 """
 from __future__ import annotations
 
@@ -92,16 +95,46 @@ def _peak_mib(contender: nn.Module, batch: torch.Tensor) -> Stats:
         return Stats.exact(peak_step_memory(build, CPU) / MIB, "MiB")
 
 
+class _GivenOutput(nn.Module):
+    """Returns an output recorded beforehand: a layer that costs nothing, for the "free" contender."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: object) -> torch.Tensor:
+        return self.output
+
+
+def free_layers_model(dense: nn.Module, names: list[str], batch: torch.Tensor) -> nn.Module:
+    """A copy of ``dense`` whose layers ``names`` return their output on ``batch`` without computing it."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [dense.get_submodule(name).register_forward_hook(
+        lambda module, args, output, name=name: outputs.setdefault(name, output)) for name in names]
+    try:
+        with torch.inference_mode():
+            dense(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    copied = copy.deepcopy(dense)
+    for name in names:
+        parent, _, attribute = name.rpartition(".")
+        setattr(copied.get_submodule(parent), attribute, _GivenOutput(outputs[name]))
+    return copied
+
+
 def measure(name: str, sparsity: float, batch_size: int, repeats: int) -> dict[str, Any]:
     """One configuration: both contenders' times, their paired ratio, peak memory and the layer choices."""
     in_channels, size, _ = MODELS[name]
     dense = pruned_model(name, sparsity)
     batch = torch.randn(batch_size, in_channels, size, size, generator=torch.Generator().manual_seed(SEED))
     sparse = sparse_inference(dense, batch)
+    free = free_layers_model(dense, [choice.name for choice in sparse.choices if choice.sparse], batch)
     with torch.inference_mode():
         difference = float((sparse(batch) - dense(batch)).abs().max())
-        timings = time_interleaved({"dense": lambda: dense(batch), "sparse": lambda: sparse(batch)}, CPU,
-                                   repeats=repeats, warmup=2)
+        timings = time_interleaved({"dense": lambda: dense(batch), "sparse": lambda: sparse(batch),
+                                    "free": lambda: free(batch)}, CPU, repeats=repeats, warmup=2)
     record: dict[str, Any] = {"model": name, "sparsity": sparsity, "batch_size": batch_size,
                               "measured_sparsity": sparsity_report(dense).sparsity,
                               "max_abs_difference": difference, "choices": [asdict(c) for c in sparse.choices]}
@@ -109,6 +142,7 @@ def measure(name: str, sparsity: float, batch_size: int, repeats: int) -> dict[s
         record[contender] = {"time": Stats.of([t * 1e3 for t in timings[contender].device], "ms"),
                              "peak_memory": _peak_mib(model, batch)}
     record["speedup"] = Stats.of(paired_ratios(timings["dense"].device, timings["sparse"].device), "x")
+    record["free_layers_speedup"] = Stats.of(paired_ratios(timings["dense"].device, timings["free"].device), "x")
     record["memory_ratio"] = Stats.exact(record["sparse"]["peak_memory"].median
                                          / record["dense"]["peak_memory"].median, "x")
     return record
@@ -153,19 +187,22 @@ def format_tables(results: dict[str, Any]) -> str:
     env = results["environment"]
     commit = (env["git_commit"] or "unknown")[:12] + (" (dirty)" if env["git_dirty"] else "")
     head = (f"{'model':<13} {'sparsity':>8} {'batch':>5}  {'dense ms':<24} {'sparse ms':<24} "
-            f"{'speed-up x':<20} {'dense MiB':>9} {'sparse MiB':>10} {'mem x':>6} {'sparse layers':>13}  verdict")
+            f"{'speed-up x':<20} {'free x':>6} {'dense MiB':>9} {'sparse MiB':>10} {'mem x':>6} {'sparse layers':>13}  verdict")
     lines = [f"pilot sparse inference bench on {env['device_name']}",
              f"torch {env['torch']}, commit {commit}; load average {env['load_average_at_start'][0]:.2f} at start; "
              f"{report._contention(env)}",
              f"Weights: {results['weights']}.",
              f"Times: median [min, max] of {results['settings']['repeats']} interleaved samples; speed-up = dense time "
-             "/ sparse time, paired per round (> 1: sparse is faster); mem x = sparse peak / dense peak.", "",
+             "/ sparse time, paired per round (> 1: sparse is faster); free x = dense time / time with the sparse "
+             "layers' outputs given for free (the most any sparse kernel could give); mem x = sparse peak / dense peak.",
+             "",
              head, "-" * len(head)]
     for entry in results["configurations"]:
         used = f"{sum(choice['sparse'] for choice in entry['choices'])} of {len(entry['choices'])}"
         lines.append(f"{entry['model']:<13} {entry['sparsity']:>8.0%} {entry['batch_size']:>5}  "
                      f"{_range(entry['dense']['time'], 3):<24} {_range(entry['sparse']['time'], 3):<24} "
-                     f"{_range(entry['speedup'], 2):<20} {entry['dense']['peak_memory'].median:>9.2f} "
+                     f"{_range(entry['speedup'], 2):<20} {entry['free_layers_speedup'].median:>6.2f} "
+                     f"{entry['dense']['peak_memory'].median:>9.2f} "
                      f"{entry['sparse']['peak_memory'].median:>10.2f} {entry['memory_ratio'].median:>6.2f} "
                      f"{used:>13}  "
                      f"{_verdict(entry)}")

@@ -37,6 +37,12 @@ def test_sparse_linear_matches_linear(shape: tuple[int, ...], bias: bool) -> Non
         torch.testing.assert_close(SparseLinear(linear)(x), linear(x), **TOLERANCE)
 
 
+def test_sparse_layers_keep_32_bit_indices() -> None:
+    # MKL, behind torch's CPU CSR products, takes int32 indices: int64 ones would be converted on every call.
+    for layer in (SparseLinear(pruned(nn.Linear(20, 9))), SparseConv2d(pruned(nn.Conv2d(4, 6, 3)))):
+        assert layer.weight.crow_indices().dtype == layer.weight.col_indices().dtype == torch.int32
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("options", [{}, {"stride": 2, "padding": 1}, {"padding": (2, 0), "dilation": 2, "bias": False},
                                      {"kernel_size": 1, "stride": (1, 2)}])
@@ -143,7 +149,18 @@ def test_bench_inference_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert (entry["model"], entry["sparsity"], entry["batch_size"]) == ("lenet300-100", 0.98, 1)
     for contender in ("dense", "sparse"):
         assert entry[contender]["time"]["median"] > 0 and entry[contender]["peak_memory"]["median"] > 0
-    assert entry["max_abs_difference"] < 1e-4 and len(entry["choices"]) == 3
+    assert entry["max_abs_difference"] < 1e-4 and len(entry["choices"]) == 3 and entry["free_layers_speedup"]["median"] > 0
     assert (tmp_path / "inference.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     noise = [line for line in result.stderr.splitlines() if not line.startswith("[inference] ")]
     assert not noise, noise
+
+
+def test_free_layers_model_returns_what_the_dense_model_computes_on_its_batch() -> None:
+    from bench.inference import free_layers_model
+
+    model = lenet()
+    x = torch.randn(2, 1, 28, 28)
+    free = free_layers_model(model, ["fc1", "fc3"], x)
+    assert type(free.fc1).__name__ == "_GivenOutput" and isinstance(free.fc2, nn.Linear)
+    with torch.inference_mode():
+        assert torch.equal(free(x), model(x))
