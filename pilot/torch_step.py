@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import operator
 import warnings
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+import torch._inductor
 import torch.fx.experimental._config
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from pilot_kernels.pilot_sgd import FLAG_MOMENTUM as _FLAG_MOMENTUM
 
@@ -63,22 +66,34 @@ def factorised_steps_(calls: list[tuple[Any, ...]]) -> None:
         factorised_step_(*args)
 
 
+class StaticCall(NamedTuple):
+    """``factorised_steps_`` over one fixed list of calls, compiled for it by :meth:`FactorisedStep.static_call`:
+    called with the calls' gradients then ``states`` (the distinct other tensors), without dynamo."""
+
+    function: Callable[..., None]
+    states: tuple[Tensor, ...]
+
+
 class FactorisedStep:
     """``factorised_step_`` over a bucket's tensors, compiled on first use; falls back to eager (with a warning) if
     compiling fails.
 
     A compiled call costs about 35 us on the host whatever its size, so tensors under ``BATCHED_NUMEL`` elements
-    (ResNet-20's are all under 37k) are stepped by one call of ``factorised_steps_`` with static sizes: its graph
-    holds every small tensor of the bucket and is compiled again only when that set changes (sizes, dtype,
-    momentum, grad scale), at 0.3 to 0.9 s of compile per tensor. Larger tensors, where the call's cost is small
-    against the pass over memory, get one call each of ``factorised_step_`` with dynamic sizes, whose dozen or so
-    graphs (by dtype, momentum on/off and inductor's size class of the reduction) serve every size.
+    (ResNet-20's are all under 37k) are stepped by one call of ``factorised_steps_`` with static sizes: a
+    :class:`StaticCall` that holds every small tensor of the bucket, compiled again only when that set changes
+    (sizes, dtype, momentum, grad scale), at 0.3 to 0.9 s of compile per tensor. It is traced by ``make_fx`` and
+    compiled by inductor directly, not through ``torch.compile``: dynamo's guards and frame handling over its 300
+    or so arguments cost about 0.15 ms per call for ResNet-20, half the kernel's time. Its key
+    (:func:`static_key`) stands in for the guards, and :class:`TorchStep` only calls it again for the same
+    entries, whose gradients have the parameters' sizes and dtypes. Larger tensors, where the call's cost is small
+    against the pass over memory, get one ``torch.compile``d call each of ``factorised_step_`` with dynamic sizes,
+    whose dozen or so graphs (by dtype, momentum on/off and inductor's size class of the reduction) serve every
+    size.
 
-    Arguments must be 1-D tensors without a ``_base`` (``.detach()`` the views) so that dynamo guards on
-    nothing but their sizes. The recompile limit is raised for these calls (``torch.compile``'s own
-    ``recompile_limit``, read only when a call compiles), and duck sizing (which would tie unrelated sizes and
-    offsets that happen to be equal) is off for the dynamic-size calls: a config patch entered around them only,
-    as it costs tens of microseconds, which the static-size call of small tensors cannot afford.
+    Arguments are 1-D tensors; those of the dynamic-size calls also without a ``_base`` (``.detach()`` the views)
+    so that dynamo guards on nothing but their sizes. Each compiles at most ``RECOMPILE_LIMIT`` times (for dynamo, ``torch.compile``'s own
+    ``recompile_limit``), and duck sizing (which would tie unrelated sizes and offsets that happen to be equal) is
+    off for the dynamic-size calls, by a config patch entered around them only (it costs tens of microseconds).
     """
 
     RECOMPILE_LIMIT = 64
@@ -87,46 +102,111 @@ class FactorisedStep:
     def __init__(self, compile: bool) -> None:
         self.compiled = compile
         self.each: Optional[Callable[..., None]] = None
-        self.batched: Optional[Callable[[list[tuple[Any, ...]]], None]] = None
+        self.static_calls: dict[tuple[Any, ...], Callable[..., None]] = {}
         if compile:  # only then: torch.compile itself refuses some platforms, where the eager path must still run
             self.each = torch.compile(factorised_step_, dynamic=True, fullgraph=True,
                                       recompile_limit=self.RECOMPILE_LIMIT)
-            self.batched = torch.compile(factorised_steps_, dynamic=False, fullgraph=True,
-                                         recompile_limit=self.RECOMPILE_LIMIT)
 
     def is_small(self, numel: int) -> bool:
         """Whether a tensor of ``numel`` elements is stepped in the one static-size call."""
         return numel < self.BATCHED_NUMEL
 
-    def run(self, small: list[tuple[Any, ...]], large: list[tuple[Any, ...]]) -> None:
-        """Apply the step to each argument tuple (the gradient first): ``small`` ones (see :meth:`is_small`) in one
-        call, ``large`` ones in a call each."""
-        if not self.compiled or self.each is None or self.batched is None:
-            factorised_steps_(small + large)
+    def static_call(self, states: list[tuple[Any, ...]], grads: list[Tensor]) -> StaticCall:
+        """The compiled step of the calls ``(grads[i], *states[i])`` (compiled here unless an earlier one has the
+        same :func:`static_key`), or their eager step where compiling is off or failed."""
+        structure, distinct = _structure(states)
+        if not self.compiled or not states:
+            return StaticCall(partial(_static_steps, structure, len(states)), distinct)
+        key = static_key(structure, grads, distinct)
+        function = self.static_calls.get(key)
+        if function is None:
+            if len(self.static_calls) >= self.RECOMPILE_LIMIT:
+                self._give_up(f"{self.RECOMPILE_LIMIT} sets of small tensors compiled already")
+                return self.static_call(states, grads)
+            try:
+                steps = partial(_static_steps, structure, len(states))
+                graph = make_fx(steps, tracing_mode="fake")(*grads, *distinct)
+                # no size asserts: the key holds every size and stride, and they cost ~7% of ResNet-20's call
+                function = torch._inductor.compile(graph, [*grads, *distinct], options={"size_asserts": False})
+            except Exception as error:  # noqa: BLE001 - compiler failures only; input errors re-raise
+                if not _is_compiler_failure(error):
+                    raise
+                self._give_up(f"{type(error).__name__}: {error}")
+                return self.static_call(states, grads)
+            self.static_calls[key] = function
+        return StaticCall(function, distinct)
+
+    def run(self, small: Optional[StaticCall], small_grads: list[Tensor], large: list[tuple[Any, ...]]) -> None:
+        """Apply the step: the small tensors' :class:`StaticCall` to their gradients, then the ``large`` argument
+        tuples (the gradient first) in a call each."""
+        if small is not None:
+            small.function(*small_grads, *small.states)
+        if not large:
+            return
+        if not self.compiled or self.each is None:
+            factorised_steps_(large)
             return
         done = 0
         try:
-            if small:
-                self.batched(small)
-            done = len(small)
-            if large:
-                with torch.fx.experimental._config.patch(use_duck_shape=False):
-                    for args in large:
-                        self.each(*args)
-                        done += 1
-        except Exception as error:  # noqa: BLE001 - compiler failures only; input errors re-raise below
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                for args in large:
+                    self.each(*args)
+                    done += 1
+        except Exception as error:  # noqa: BLE001 - compiler failures only; input errors re-raise
             if not _is_compiler_failure(error):
                 raise
-            warnings.warn(f"torch.compile of the PILoT step failed ({type(error).__name__}: {error}); "
-                          "using the eager torch path, which is correct but several times slower", RuntimeWarning)
-            self.compiled = False
-            factorised_steps_((small + large)[done:])
+            self._give_up(f"{type(error).__name__}: {error}")
+            factorised_steps_(large[done:])
+
+    def _give_up(self, cause: str) -> None:
+        """Switch to the eager path for good (a compiler failure, or too many graphs)."""
+        warnings.warn(f"torch.compile of the PILoT step failed ({cause}); using the eager torch path, which is "
+                      "correct but several times slower", RuntimeWarning)
+        self.compiled = False
+
+
+def _structure(states: list[tuple[Any, ...]]) -> tuple[tuple[tuple[Optional[int], ...], ...], tuple[Tensor, ...]]:
+    """Each call's arguments after the gradient as indices into the distinct tensors among them (None for None),
+    and those tensors in order of first use (the group's scalars are shared by its calls)."""
+    index: dict[int, int] = {}
+    distinct: list[Tensor] = []
+    structure = []
+    for args in states:
+        call = []
+        for t in args:
+            if t is None:
+                call.append(None)
+                continue
+            if id(t) not in index:
+                index[id(t)] = len(distinct)
+                distinct.append(t)
+            call.append(index[id(t)])
+        structure.append(tuple(call))
+    return tuple(structure), tuple(distinct)
+
+
+def _static_steps(structure: tuple[tuple[Optional[int], ...], ...], count: int, *tensors: Tensor) -> None:
+    """``factorised_steps_`` on the calls ``structure`` describes: ``tensors`` are the ``count`` gradients, then
+    the distinct other arguments."""
+    grads, states = tensors[:count], tensors[count:]
+    factorised_steps_([(grad, *(None if i is None else states[i] for i in call))
+                       for grad, call in zip(grads, structure)])
+
+
+def static_key(structure: tuple[Any, ...], grads: list[Tensor], distinct: tuple[Tensor, ...]) -> tuple[Any, ...]:
+    """What a compiled :class:`StaticCall` depends on, as dynamo's guards would check it: which argument is which
+    tensor (or None), every tensor's dtype, size, stride and device, and the number of threads (inductor's CPU
+    kernels are compiled for it). Storage offsets are not part of it: inductor's wrapper copies an input that is
+    not aligned as the compiled kernel assumes."""
+    tensors = (*grads, *distinct)
+    return (structure, torch.get_num_threads(), torch.is_grad_enabled(),
+            tuple((t.dtype, t.shape, t.stride(), t.device) for t in tensors))
 
 
 def _is_compiler_failure(error: Exception) -> bool:
-    """Errors of dynamo/inductor (no C++ compiler, unsupported platform), not errors in the inputs."""
+    """Errors of the compiler stack (no C++ compiler, unsupported platform), not errors in the inputs."""
     module = type(error).__module__
-    return module.startswith(("torch._dynamo", "torch._inductor")) or isinstance(error, (OSError, ImportError))
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx")) or isinstance(error, (OSError, ImportError))
 
 
 class PlainBatch(NamedTuple):
@@ -151,15 +231,18 @@ class StepPlan(NamedTuple):
     pending: int  # len(bucket.pending_buffers): grows where a first momentum step is to be taken again
     reusable: bool  # False when an item takes its first momentum step (the next step is not one), or the scale
     # is a copy on this device
+    threads: int  # torch.get_num_threads(), which the compiled small tensors' call is specific to
     groups: list[int]  # the groups of the factorised items
-    small: list[tuple[int, tuple[Any, ...]]]  # (item position, the arguments after the gradient) per small tensor
-    large: list[tuple[int, tuple[Any, ...]]]  # the same for the tensors stepped one call each
+    small_positions: list[int]  # the items stepped by ``small``
+    small: Optional[StaticCall]
+    large: list[tuple[int, tuple[Any, ...]]]  # (item position, the arguments after the gradient) per large tensor
     plain: list[PlainBatch]
 
     def fits(self, bucket: Bucket, work: Work, args: StepArgs) -> bool:
         """Whether this step's work is the one the plan was built for."""
         return (self.reusable and len(work.items) == len(self.views) and self.flags == args.flags
                 and self.grad_scale is args.grad_scale and self.pending == len(bucket.pending_buffers)
+                and self.threads == torch.get_num_threads()
                 and all(map(operator.is_, self.views, [e.views for e, _ in work.items])))
 
 
@@ -193,22 +276,24 @@ class TorchStep:
         """Step ``work.items``; False if GradScaler's found_inf skipped the step."""
         if args.found_inf is not None and bool(args.found_inf.item()):
             return False
+        # collect() left each gradient in its x's memory order: a 1-D one (biases, norms) is its own 1-D view
+        grads = [grad if grad.dim() == 1 else flat(grad) for _, grad in work.items]
         plan = self.plan
         if plan is None or not plan.fits(bucket, work, args):
-            plan = self._plan(bucket, work, args)
+            plan = self._plan(bucket, work, args, grads)
             self.plan = plan if plan.reusable else None
         for index in plan.groups:
             self._group_scalars(index, args)
-        grads = [flat(grad) for _, grad in work.items]
-        self.factorised_step.run([(grads[i].detach(), *rest) for i, rest in plan.small],
+        self.factorised_step.run(plan.small, [grads[i] for i in plan.small_positions],
                                  [(grads[i].detach(), *rest) for i, rest in plan.large])
         scale = None if args.grad_scale is None else args.grad_scale.to(self.device)
         for batch in plan.plain:
             self._plain_step(bucket, batch, [grads[i] for i in batch.positions], args, scale)
         return True
 
-    def _plan(self, bucket: Bucket, work: Work, args: StepArgs) -> StepPlan:
-        """The plan of this step's work; marks the slots of the items that take their first momentum step."""
+    def _plan(self, bucket: Bucket, work: Work, args: StepArgs, grads: list[Tensor]) -> StepPlan:
+        """The plan of this step's work (``grads``: its gradients, 1-D); marks the slots of the items that take their
+        first momentum step."""
         scale = None if args.grad_scale is None else args.grad_scale.to(self.device)
         any_first = False
         groups: list[int] = []
@@ -237,8 +322,12 @@ class TorchStep:
             rest = (views.x, views.m, views.w, buffer, buffer_w, views.l1, views.nnz, lr, alpha, momentum,
                     one_minus_dampening, sign, self.first_flags[first], nesterov, scale)
             (small if self.factorised_step.is_small(e.numel) else large).append((position, rest))
+        small_positions = [position for position, _ in small]
+        static_call = self.factorised_step.static_call(
+            [rest for _, rest in small], [grads[i] for i in small_positions]) if small else None
         return StepPlan([e.views for e, _ in work.items], args.flags, args.grad_scale, len(bucket.pending_buffers),
-                        not any_first and scale is args.grad_scale, groups, small, large, list(plain.values()))
+                        not any_first and scale is args.grad_scale, torch.get_num_threads(), groups,
+                        small_positions, static_call, large, list(plain.values()))
 
     def _group_scalars(self, index: int, args: StepArgs) -> tuple[Tensor, ...]:
         """The group's hyper-parameters as 0-d tensors on the device: made once, then written in place where a value
