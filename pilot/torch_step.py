@@ -1,9 +1,9 @@
 """The torch path of FusedPILoTSGD, where the Triton kernel does not run: :class:`TorchStep`.
 
 Factorised tensors: the kernel's math (``pilot_kernels.pilot_sgd``) written with torch ops on 1-D views in memory
-order. Compiled with ``torch.compile`` (inductor fuses each tensor's step into a single loop over memory that also
-computes the telemetry): one call for all the small tensors of a bucket, one call each for the large ones (see
-:class:`FactorisedStep`); or run eagerly where compiling is not possible.
+order. Compiled by inductor (which fuses each tensor's step into a single loop over memory that also computes the
+telemetry): one call for all the small tensors of a bucket, traced by ``make_fx``, and one ``torch.compile``d call
+each for the large ones (see :class:`FactorisedStep`); or run eagerly where compiling is not possible.
 Hyper-parameters and flags are 0-d tensors so that changing lr or alpha between steps never re-compiles. Plain
 tensors: torch's own fused SGD kernel.
 """
