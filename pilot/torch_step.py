@@ -70,7 +70,8 @@ class StaticCall(NamedTuple):
     """``factorised_steps_`` over one fixed list of calls, compiled for it by :meth:`FactorisedStep.static_call`:
     called with the calls' gradients then ``states`` (the distinct other tensors), without dynamo."""
 
-    function: Callable[..., None]
+    function: Callable[..., None]  # compiled, or ``eager`` where compiling is off or failed
+    eager: Callable[..., None]
     states: tuple[Tensor, ...]
 
 
@@ -91,9 +92,10 @@ class FactorisedStep:
     size.
 
     Arguments are 1-D tensors; those of the dynamic-size calls also without a ``_base`` (``.detach()`` the views)
-    so that dynamo guards on nothing but their sizes. Each compiles at most ``RECOMPILE_LIMIT`` times (for dynamo, ``torch.compile``'s own
-    ``recompile_limit``), and duck sizing (which would tie unrelated sizes and offsets that happen to be equal) is
-    off for the dynamic-size calls, by a config patch entered around them only (it costs tens of microseconds).
+    so that dynamo guards on nothing but their sizes. Each kind compiles at most ``RECOMPILE_LIMIT`` graphs (for
+    dynamo, ``torch.compile``'s own ``recompile_limit``), and duck sizing (which would tie unrelated sizes and
+    offsets that happen to be equal) is off for the dynamic-size calls, by a config patch entered around them only
+    (it costs tens of microseconds).
     """
 
     RECOMPILE_LIMIT = 64
@@ -115,8 +117,9 @@ class FactorisedStep:
         """The compiled step of the calls ``(grads[i], *states[i])`` (compiled here unless an earlier one has the
         same :func:`static_key`), or their eager step where compiling is off or failed."""
         structure, distinct = _structure(states)
+        eager = partial(_static_steps, structure, len(states))
         if not self.compiled or not states:
-            return StaticCall(partial(_static_steps, structure, len(states)), distinct)
+            return StaticCall(eager, eager, distinct)
         key = static_key(structure, grads, distinct)
         function = self.static_calls.get(key)
         if function is None:
@@ -124,8 +127,7 @@ class FactorisedStep:
                 self._give_up(f"{self.RECOMPILE_LIMIT} sets of small tensors compiled already")
                 return self.static_call(states, grads)
             try:
-                steps = partial(_static_steps, structure, len(states))
-                graph = make_fx(steps, tracing_mode="fake")(*grads, *distinct)
+                graph = make_fx(eager, tracing_mode="fake")(*grads, *distinct)
                 # no size asserts: the key holds every size and stride, and they cost ~7% of ResNet-20's call
                 function = torch._inductor.compile(graph, [*grads, *distinct], options={"size_asserts": False})
             except Exception as error:  # noqa: BLE001 - compiler failures only; input errors re-raise
@@ -134,13 +136,19 @@ class FactorisedStep:
                 self._give_up(f"{type(error).__name__}: {error}")
                 return self.static_call(states, grads)
             self.static_calls[key] = function
-        return StaticCall(function, distinct)
+        return StaticCall(function, eager, distinct)
 
     def run(self, small: Optional[StaticCall], small_grads: list[Tensor], large: list[tuple[Any, ...]]) -> None:
         """Apply the step: the small tensors' :class:`StaticCall` to their gradients, then the ``large`` argument
         tuples (the gradient first) in a call each."""
         if small is not None:
-            small.function(*small_grads, *small.states)
+            try:
+                (small.function if self.compiled else small.eager)(*small_grads, *small.states)
+            except Exception as error:  # noqa: BLE001 - compiler failures only (a kernel built at its first call)
+                if not self.compiled or not _is_compiler_failure(error):
+                    raise
+                self._give_up(f"{type(error).__name__}: {error}")
+                small.eager(*small_grads, *small.states)
         if not large:
             return
         if not self.compiled or self.each is None:
@@ -206,7 +214,8 @@ def static_key(structure: tuple[Any, ...], grads: list[Tensor], distinct: tuple[
 def _is_compiler_failure(error: Exception) -> bool:
     """Errors of the compiler stack (no C++ compiler, unsupported platform), not errors in the inputs."""
     module = type(error).__module__
-    return module.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx")) or isinstance(error, (OSError, ImportError))
+    return (module.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx"))
+            or isinstance(error, (OSError, ImportError)))
 
 
 class PlainBatch(NamedTuple):

@@ -29,13 +29,19 @@ def forget_caches(optimizer: FusedPILoTSGD) -> None:
         bucket.backend.scalars = {}
 
 
-def optimizers(backend: str) -> tuple[list[nn.Parameter], FusedPILoTSGD, list[nn.Parameter], FusedPILoTSGD]:
+def optimizer_of(model: SmallAndLarge, backend: str) -> FusedPILoTSGD:
+    return FusedPILoTSGD([{"params": [model.small.weight, model.small.bias, model.large]},
+                          {"params": [model.other.weight], "nesterov": True, "momentum": 0.5}],
+                         lr=0.05, momentum=0.9, weight_decay=1e-3, alpha=1e-2, backend=backend)
+
+
+def optimizers(backend: str, twin_backend: str = "") -> tuple[list[nn.Parameter], FusedPILoTSGD,
+                                                              list[nn.Parameter], FusedPILoTSGD]:
+    """Two copies of one model with an optimizer each (the twin's on ``twin_backend``, default the same)."""
     model = SmallAndLarge()
     twin = copy.deepcopy(model)
-    make = lambda m: FusedPILoTSGD([{"params": [m.small.weight, m.small.bias, m.large]},  # noqa: E731
-                                    {"params": [m.other.weight], "nesterov": True, "momentum": 0.5}],
-                                   lr=0.05, momentum=0.9, weight_decay=1e-3, alpha=1e-2, backend=backend)
-    return list(model.parameters()), make(model), list(twin.parameters()), make(twin)
+    return (list(model.parameters()), optimizer_of(model, backend),
+            list(twin.parameters()), optimizer_of(twin, twin_backend or backend))
 
 
 @pytest.mark.parametrize("backend", ["compile", "eager"])
@@ -112,3 +118,25 @@ def test_parameter_losing_its_grad_keeps_its_value_and_state() -> None:
         p.grad = torch.randn_like(p)
     optimizer.step()
     assert not any(torch.equal(p, before[id(p)][0]) for p in lost)
+
+
+def test_small_tensors_fall_back_to_eager_when_the_compiler_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler failure for the small tensors' call warns and steps them eagerly, exactly as backend="eager"."""
+    class CompilerFailure(Exception):
+        __module__ = "torch._inductor.exc"
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise CompilerFailure("no C++ compiler")
+
+    monkeypatch.setattr(torch._inductor, "compile", fail)
+    params, optimizer, eager_params, eager = optimizers("compile", "eager")
+    with pytest.warns(RuntimeWarning, match="CompilerFailure: no C"):
+        for _ in range(3):
+            for p, q in zip(params, eager_params):
+                p.grad = torch.full_like(p, 0.01)
+                q.grad = torch.full_like(q, 0.01)
+            optimizer.step()
+            eager.step()
+    assert buckets(optimizer)[0][0] == "eager"
+    for p, q in zip(params, eager_params):
+        assert torch.equal(p, q)
