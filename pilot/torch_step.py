@@ -9,12 +9,15 @@ tensors: torch's own fused SGD kernel.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import operator
 import warnings
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+import torch._dynamo
 import torch._inductor
 import torch.fx.experimental._config
 from torch import Tensor
@@ -93,21 +96,24 @@ class FactorisedStep:
 
     Arguments are 1-D tensors; those of the dynamic-size calls also without a ``_base`` (``.detach()`` the views)
     so that dynamo guards on nothing but their sizes. Each kind compiles at most ``RECOMPILE_LIMIT`` graphs (for
-    dynamo, ``torch.compile``'s own ``recompile_limit``), and duck sizing (which would tie unrelated sizes and
-    offsets that happen to be equal) is off for the dynamic-size calls, by a config patch entered around them only
-    (it costs tens of microseconds).
+    dynamo, ``torch.compile``'s own ``recompile_limit``, or dynamo's config where torch.compile lacks it), and
+    duck sizing (which would tie unrelated sizes and offsets that happen to be equal) is off for the dynamic-size
+    calls, by a config patch entered around them only (it costs tens of microseconds).
     """
 
     RECOMPILE_LIMIT = 64
     BATCHED_NUMEL = 2**16
+    # Newer torch takes the limit as torch.compile's argument; older (the GPU machine's torch 2.11) only as dynamo's
+    # config, patched around the calls.
+    COMPILE_TAKES_RECOMPILE_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
     def __init__(self, compile: bool) -> None:
         self.compiled = compile
         self.each: Optional[Callable[..., None]] = None
         self.static_calls: dict[tuple[Any, ...], Callable[..., None]] = {}
         if compile:  # only then: torch.compile itself refuses some platforms, where the eager path must still run
-            self.each = torch.compile(factorised_step_, dynamic=True, fullgraph=True,
-                                      recompile_limit=self.RECOMPILE_LIMIT)
+            limit = {"recompile_limit": self.RECOMPILE_LIMIT} if self.COMPILE_TAKES_RECOMPILE_LIMIT else {}
+            self.each = torch.compile(factorised_step_, dynamic=True, fullgraph=True, **limit)
 
     def is_small(self, numel: int) -> bool:
         """Whether a tensor of ``numel`` elements is stepped in the one static-size call."""
@@ -156,7 +162,9 @@ class FactorisedStep:
             return
         done = 0
         try:
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
+            limit = (contextlib.nullcontext() if self.COMPILE_TAKES_RECOMPILE_LIMIT
+                     else torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT))
+            with torch.fx.experimental._config.patch(use_duck_shape=False), limit:
                 for args in large:
                     self.each(*args)
                     done += 1
