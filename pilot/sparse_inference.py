@@ -8,8 +8,9 @@ sparse matrix products (``torch.sparse`` CSR) where that is faster, and keeps th
 
 Each sparse layer reads only its non-zeros (values, column indices, row pointers: 4 + 4 bytes per non-zero in
 fp32 with int32 indices, against 4 bytes per entry dense), so it moves less than the dense layer below about 50%
-density; whether it is also faster depends on the CPU, the batch and torch's per-call overhead
-(several microseconds per call, as much as a small layer's product at batch 1), which is why a layer is chosen by measurement when an example input is given.
+density; whether it is also faster depends on the CPU, the batch and torch's per-call overhead (several
+microseconds per call, as much as a small layer's product at batch 1), which is why a layer is chosen by
+measurement when an example input is given.
 """
 from __future__ import annotations
 
