@@ -4,8 +4,8 @@ Factorised tensors: the kernel's math (``pilot_kernels.pilot_sgd``) written with
 order. Compiled by inductor (which fuses each tensor's step into a single loop over memory that also computes the
 telemetry): one call for all the small tensors of a bucket, traced by ``make_fx``, and one ``torch.compile``d call
 each for the large ones (see :class:`FactorisedStep`); or run eagerly where compiling is not possible.
-Hyper-parameters and flags are 0-d tensors so that changing lr or alpha between steps never re-compiles. Plain
-tensors: torch's own fused SGD kernel.
+Hyper-parameters are 0-d tensors so that changing lr or alpha between steps never re-compiles; a group's
+``maximize`` and ``nesterov`` are constants of the graph. Plain tensors: torch's own fused SGD kernel.
 """
 from __future__ import annotations
 
@@ -25,28 +25,35 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from pilot_kernels.pilot_sgd import FLAG_MOMENTUM as _FLAG_MOMENTUM
 
+from .direct_call import DirectCompiled
 from .layout import Bucket, Entry, StepArgs, TorchViews, Work, flat
 
 
 def _momentum_direction_(d: Tensor, buf: Tensor, momentum: Tensor, one_minus_dampening: Tensor, first: Tensor,
-                         nesterov: Tensor) -> Tensor:
+                         nesterov: bool) -> Tensor:
     """Update ``buf`` in place with direction d (torch.optim.SGD's rule); return the step direction."""
     new_buf = torch.where(first, d, momentum * buf + one_minus_dampening * d)
     buf.copy_(new_buf)
-    return torch.where(nesterov, d + momentum * new_buf, new_buf)
+    return d + momentum * new_buf if nesterov else new_buf
 
 
 def factorised_step_(grad: Tensor, x: Tensor, m: Tensor, w: Tensor, buf_m: Optional[Tensor], buf_w: Optional[Tensor],
                      l1_out: Tensor, nnz_out: Tensor, lr: Tensor, alpha: Tensor, momentum: Tensor,
-                     one_minus_dampening: Tensor, sign: Tensor, first: Tensor, nesterov: Tensor,
+                     one_minus_dampening: Tensor, maximize: bool, first: Tensor, nesterov: bool,
                      grad_scale: Optional[Tensor]) -> None:
     """One PILoT-SGD step of x = m * w in place; writes sum |x| and count(x != 0) to l1_out, nnz_out, and the
-    unscaled gradient back to grad when a grad_scale is given."""
+    unscaled gradient back to grad when a grad_scale is given.
+
+    ``maximize`` and ``nesterov`` are Python bools, constants of a compiled graph: as 0-d tensors they cost a
+    select and a multiply-add per element and factor, about 6% of a large tensor's pass on one CPU thread. They
+    are fixed for a parameter group, so they never compile again in a run. ``first`` stays a tensor: it changes
+    after the first step."""
     g = grad.float()
     if grad_scale is not None:
         g = g / grad_scale
         grad.copy_(g.to(grad.dtype))  # the unscaled gradient, as torch's fused optimizers leave it
-    g = g * sign
+    if maximize:
+        g = -g
     d_m = g * w + alpha * m
     d_w = g * m + alpha * w
     if buf_m is not None and buf_w is not None:
@@ -60,7 +67,9 @@ def factorised_step_(grad: Tensor, x: Tensor, m: Tensor, w: Tensor, buf_m: Optio
     x.copy_(new_x)
     stored = new_x.float()
     l1_out.copy_(stored.abs().sum().reshape(1))
-    nnz_out.copy_((stored != 0).sum().reshape(1))
+    # counted in int32 where it cannot overflow: int64 lanes cost about 4% of the pass on one CPU thread
+    count_dtype = torch.int32 if stored.numel() < 2**31 else torch.int64
+    nnz_out.copy_((stored != 0).sum(dtype=count_dtype).reshape(1))
 
 
 def factorised_steps_(calls: list[tuple[Any, ...]]) -> None:
@@ -92,13 +101,15 @@ class FactorisedStep:
     entries, whose gradients have the parameters' sizes and dtypes. Larger tensors, where the call's cost is small
     against the pass over memory, get one ``torch.compile``d call each of ``factorised_step_`` with dynamic sizes,
     whose dozen or so graphs (by dtype, momentum on/off and inductor's size class of the reduction) serve every
-    size.
+    size. Dynamo handles the first call of each tensor (its sizes, dtypes and flags); later ones call the graph
+    that served it directly (:class:`~pilot.direct_call.DirectCompiled`: about 10 us instead of 50, which is 2 ms
+    of ResNet-50's step on one CPU thread).
 
     Arguments are 1-D tensors; those of the dynamic-size calls also without a ``_base`` (``.detach()`` the views)
     so that dynamo guards on nothing but their sizes. Each kind compiles at most ``RECOMPILE_LIMIT`` graphs (for
     dynamo, ``torch.compile``'s own ``recompile_limit``, or dynamo's config where torch.compile lacks it), and
     duck sizing (which would tie unrelated sizes and offsets that happen to be equal) is off for the dynamic-size
-    calls, by a config patch entered around them only (it costs tens of microseconds).
+    calls, by a config patch entered only around the calls that go through dynamo.
     """
 
     RECOMPILE_LIMIT = 64
@@ -109,11 +120,12 @@ class FactorisedStep:
 
     def __init__(self, compile: bool) -> None:
         self.compiled = compile
-        self.each: Optional[Callable[..., None]] = None
+        self.each: Optional[DirectCompiled] = None
         self.static_calls: dict[tuple[Any, ...], Callable[..., None]] = {}
         if compile:  # only then: torch.compile itself refuses some platforms, where the eager path must still run
             limit = {"recompile_limit": self.RECOMPILE_LIMIT} if self.COMPILE_TAKES_RECOMPILE_LIMIT else {}
-            self.each = torch.compile(factorised_step_, dynamic=True, fullgraph=True, **limit)
+            self.each = DirectCompiled(factorised_step_, around=self._dynamo_config, dynamic=True, fullgraph=True,
+                                       **limit)
 
     def is_small(self, numel: int) -> bool:
         """Whether a tensor of ``numel`` elements is stepped in the one static-size call."""
@@ -162,17 +174,23 @@ class FactorisedStep:
             return
         done = 0
         try:
-            limit = (contextlib.nullcontext() if self.COMPILE_TAKES_RECOMPILE_LIMIT
-                     else torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT))
-            with torch.fx.experimental._config.patch(use_duck_shape=False), limit:
-                for args in large:
-                    self.each(*args)
-                    done += 1
+            for args in large:
+                self.each(*args)
+                done += 1
         except Exception as error:  # noqa: BLE001 - compiler failures only; input errors re-raise
             if not _is_compiler_failure(error):
                 raise
             self._give_up(f"{type(error).__name__}: {error}")
             factorised_steps_(large[done:])
+
+    def _dynamo_config(self) -> contextlib.ExitStack:
+        """The config patches entered around a dynamic-size call that goes through dynamo (they cost tens of
+        microseconds, which calls of seen arguments skip)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.fx.experimental._config.patch(use_duck_shape=False))
+        if not self.COMPILE_TAKES_RECOMPILE_LIMIT:
+            stack.enter_context(torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT))
+        return stack
 
     def _give_up(self, cause: str) -> None:
         """Switch to the eager path for good (a compiler failure, or too many graphs)."""
@@ -181,17 +199,18 @@ class FactorisedStep:
         self.compiled = False
 
 
-def _structure(states: list[tuple[Any, ...]]) -> tuple[tuple[tuple[Optional[int], ...], ...], tuple[Tensor, ...]]:
-    """Each call's arguments after the gradient as indices into the distinct tensors among them (None for None),
-    and those tensors in order of first use (the group's scalars are shared by its calls)."""
+def _structure(states: list[tuple[Any, ...]]) -> tuple[tuple[tuple[Any, ...], ...], tuple[Tensor, ...]]:
+    """Each call's arguments after the gradient as indices into the distinct tensors among them (None and the
+    bool flags as they are), and those tensors in order of first use (the group's scalars are shared by its
+    calls)."""
     index: dict[int, int] = {}
     distinct: list[Tensor] = []
     structure = []
     for args in states:
         call = []
         for t in args:
-            if t is None:
-                call.append(None)
+            if t is None or isinstance(t, bool):
+                call.append(t)
                 continue
             if id(t) not in index:
                 index[id(t)] = len(distinct)
@@ -201,17 +220,17 @@ def _structure(states: list[tuple[Any, ...]]) -> tuple[tuple[tuple[Optional[int]
     return tuple(structure), tuple(distinct)
 
 
-def _static_steps(structure: tuple[tuple[Optional[int], ...], ...], count: int, *tensors: Tensor) -> None:
+def _static_steps(structure: tuple[tuple[Any, ...], ...], count: int, *tensors: Tensor) -> None:
     """``factorised_steps_`` on the calls ``structure`` describes: ``tensors`` are the ``count`` gradients, then
     the distinct other arguments."""
     grads, states = tensors[:count], tensors[count:]
-    factorised_steps_([(grad, *(None if i is None else states[i] for i in call))
+    factorised_steps_([(grad, *(i if i is None or isinstance(i, bool) else states[i] for i in call))
                        for grad, call in zip(grads, structure)])
 
 
 def static_key(structure: tuple[Any, ...], grads: list[Tensor], distinct: tuple[Tensor, ...]) -> tuple[Any, ...]:
     """What a compiled :class:`StaticCall` depends on, as dynamo's guards would check it: which argument is which
-    tensor (or None), every tensor's dtype, size, stride and device, and the number of threads (inductor's CPU
+    tensor (or None, or which flag), every tensor's dtype, size, stride and device, and the number of threads (inductor's CPU
     kernels are compiled for it). Storage offsets are not part of it: inductor's wrapper copies an input that is
     not aligned as the compiled kernel assumes."""
     tensors = (*grads, *distinct)
@@ -281,7 +300,7 @@ class TorchStep:
         self.device, self.factorised_step = device, factorised_step
         self.first_flags = (torch.tensor(False, device=device), torch.tensor(True, device=device))
         self.plan: Optional[StepPlan] = None
-        # per group: (lr, alpha, momentum, 1 - dampening, sign, nesterov) as host numbers, and as 0-d tensors
+        # per group: (lr, alpha, momentum, 1 - dampening) as host numbers, and as 0-d tensors
         self.scalars: dict[int, tuple[tuple[Any, ...], tuple[Tensor, ...]]] = {}
 
     @staticmethod
@@ -334,10 +353,12 @@ class TorchStep:
                 continue
             if e.group not in groups:
                 groups.append(e.group)
-            lr, alpha, momentum, one_minus_dampening, sign, nesterov = self._group_scalars(e.group, args)
+            lr, alpha, momentum, one_minus_dampening = self._group_scalars(e.group, args)
+            group = args.groups[e.group]
             buffer, buffer_w = (views.buffer, views.buffer_w) if has_momentum else (None, None)
             rest = (views.x, views.m, views.w, buffer, buffer_w, views.l1, views.nnz, lr, alpha, momentum,
-                    one_minus_dampening, sign, self.first_flags[first], nesterov, scale)
+                    one_minus_dampening, bool(group["maximize"]), self.first_flags[first], bool(group["nesterov"]),
+                    scale)
             (small if self.factorised_step.is_small(e.numel) else large).append((position, rest))
         small_positions = [position for position, _ in small]
         static_call = self.factorised_step.static_call(
@@ -350,13 +371,10 @@ class TorchStep:
         """The group's hyper-parameters as 0-d tensors on the device: made once, then written in place where a value
         changed since the last step."""
         group, hyper = args.groups[index], args.hypers[index]
-        values = (float(group["lr"]), float(group["alpha"]), float(hyper.momentum), float(hyper.one_minus_dampening),
-                  -1.0 if group["maximize"] else 1.0, bool(group["nesterov"]))
+        values = (float(group["lr"]), float(group["alpha"]), float(hyper.momentum), float(hyper.one_minus_dampening))
         cached = self.scalars.get(index)
         if cached is None:
-            device = self.device
-            tensors = (*(torch.tensor(v, dtype=torch.float32, device=device) for v in values[:4]),
-                       torch.tensor(values[4], device=device), torch.tensor(values[5], device=device))
+            tensors = tuple(torch.tensor(v, dtype=torch.float32, device=self.device) for v in values)
             self.scalars[index] = (values, tensors)
             return tensors
         old, tensors = cached
